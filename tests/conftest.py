@@ -1,0 +1,19 @@
+"""Shared fixtures. vLLM engines take 20-70 s to start on CPU, so tests share them per module."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+from vllm_std.fixtures.models import tiny_model
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_path() -> str:
+    return str(tiny_model("qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def llava_ov_path() -> str:
+    return str(tiny_model("llava_onevision"))

@@ -1,0 +1,49 @@
+"""The `vllm-std` command: `demo`, `doctor`, `fixture`."""
+
+import argparse
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vllm_std.demo import run_demo
+
+    return run_demo(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from vllm_std.doctor import run
+
+    return run()
+
+
+def _fixture(args: argparse.Namespace) -> int:
+    from vllm_std.fixtures.models import tiny_model
+
+    print(tiny_model(args.family))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-std", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate on the tiny fixture with a synthetic video")
+    demo.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+    demo.add_argument("--frames", type=int, default=16, help="frames of the synthetic video")
+    demo.add_argument("--size", type=int, default=224, help="frame height and width in pixels")
+    demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--question", default="What happens in the video?")
+    demo.set_defaults(func=_demo)
+
+    sub.add_parser("doctor", help="check that this environment can run vllm-std").set_defaults(func=_doctor)
+
+    fixture = sub.add_parser("fixture", help="build (or find) a tiny checkpoint and print its folder")
+    fixture.add_argument("family", choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+    fixture.set_defaults(func=_fixture)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""STD settings: validated once, at engine start-up, and carried to every process in `additional_config`.
+
+Users write `--speculative-config '{"method": "std", "num_speculative_tokens": 6, "top_k": 1024}'` (or
+the bare `std` for the defaults). vLLM knows no method "std": `vllm_std.patches` translates it, before
+vLLM validates anything, into vLLM's own `custom_class` method pointing at `STDProposer`, and stores the
+STD fields in `VllmConfig.additional_config["std"]`, which vLLM hashes and pickles to every process.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+METHOD = "std"
+ADDITIONAL_CONFIG_KEY = "std"
+PROPOSER_CLASS = "vllm_std.proposer.STDProposer"
+
+Modality = Literal["video", "image"]
+
+
+class STDConfigError(ValueError):
+    """A bad STD setting, phrased as one line that names the field and what is allowed."""
+
+
+class STDConfig(BaseModel):
+    """The `--speculative-config` fields of method "std" (vLLM's own name for gamma is kept)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    method: Literal["std"] = METHOD
+    num_speculative_tokens: Annotated[int, Field(ge=1, le=32)] = 6
+    """gamma: tokens drafted per round by the sparse drafter (paper: best around 6-9 on GPUs)."""
+    top_k: Annotated[int, Field(ge=1)] = 1024
+    """K: visual tokens each layer's drafter keeps, rounded up to whole KV blocks."""
+    modalities: Annotated[tuple[Modality, ...], Field(min_length=1)] = ("video", "image")
+    """Which multimodal items count as visual (their placeholder tokens are the candidates for dropping)."""
+    min_visual_tokens: Annotated[int, Field(ge=0)] = 1
+    """Requests with fewer visual tokens than this get no drafts (they decode as without speculation)."""
+
+    def top_k_blocks(self, block_size: int) -> int:
+        return -(-self.top_k // block_size)
+
+    @classmethod
+    def parse(cls, raw: Any) -> "STDConfig":
+        """Validates a dict (or the bare string "std"); raises STDConfigError on the first bad field."""
+        if raw == METHOD:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise STDConfigError(f"speculative config for method 'std' must be a JSON object, got {raw!r}")
+        try:
+            return cls.model_validate(raw, strict=False)
+        except ValidationError as e:
+            raise STDConfigError(_one_line(e)) from None
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"method", "num_speculative_tokens"})
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> "STDConfig":
+        """The config as the engine resolved it (inside engine core and workers)."""
+        fields = dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+        fields["num_speculative_tokens"] = vllm_config.speculative_config.num_speculative_tokens
+        return cls.parse(fields)
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "speculative_config"
+    allowed = _ALLOWED.get(field.split(".")[0], "")
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(sorted(STDConfig.model_fields))
+        return f"speculative_config: unknown field '{field}' for method 'std'; known fields: {known}"
+    hint = f"; allowed: {allowed}" if allowed else ""
+    return f"speculative_config.{field}: {first['msg']} (got {first.get('input')!r}){hint}"
+
+
+_ALLOWED = {
+    "num_speculative_tokens": "an integer from 1 to 32",
+    "top_k": "an integer >= 1 (visual tokens kept per layer)",
+    "modalities": 'a non-empty list of "video" and/or "image"',
+    "min_visual_tokens": "an integer >= 0",
+    "method": '"std"',
+}

@@ -1,0 +1,193 @@
+"""Every change vllm-std makes to vLLM internals, each named after its target and checked before it applies.
+
+The inventory, in the order it is applied:
+
+1. `EngineArgsCliPatch` (API server): `--speculative-config std` and `{"method": "std", ...}` are parsed
+   and validated by argparse, so a bad value stops `vllm serve` with one line before anything starts.
+2. `EngineArgsSpeculativeConfigPatch` (every process that builds an engine config): translates method
+   "std" into vLLM's `custom_class` method and `additional_config["std"]`. Must run before vLLM's own
+   `SpeculativeConfig` validation, which rejects unknown methods and fields.
+3. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
+   the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
+
+A patch refuses to apply, loudly, when the installed vLLM is not a supported version or its target's
+signature changed; `tests/test_patches.py` runs the same checks.
+"""
+
+import argparse
+import functools
+import importlib
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from vllm_std.compat import SUPPORTED_VLLM_VERSIONS, installed_vllm_version
+from vllm_std.config import (
+    ADDITIONAL_CONFIG_KEY,
+    METHOD,
+    PROPOSER_CLASS,
+    STDConfig,
+    STDConfigError,
+)
+
+_APPLIED_MARK = "__vllm_std_patch__"
+
+
+class PatchTargetChanged(RuntimeError):
+    """The vLLM symbol a patch wraps is missing or has a different signature."""
+
+
+class VLLMPatch:
+    """Wraps one method of one vLLM class, keeping the original reachable as `__wrapped__`."""
+
+    target_module: ClassVar[str]
+    target_class: ClassVar[str]
+    target_method: ClassVar[str]
+    # Parameter names of the target as of the supported vLLM versions (checked before patching).
+    expected_params: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def name(cls) -> str:
+        return f"{cls.target_class}.{cls.target_method}"
+
+    @classmethod
+    def owner(cls) -> type:
+        return getattr(importlib.import_module(cls.target_module), cls.target_class)
+
+    @classmethod
+    def check(cls) -> None:
+        version = installed_vllm_version()
+        if version not in SUPPORTED_VLLM_VERSIONS:
+            raise PatchTargetChanged(
+                f"vllm-std supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, found {version}: "
+                f"install a supported vLLM or a vllm-std release for {version}"
+            )
+        original = inspect.unwrap(inspect.getattr_static(cls.owner(), cls.target_method, None))
+        if isinstance(original, staticmethod | classmethod):
+            original = original.__func__
+        if not callable(original):
+            raise PatchTargetChanged(f"{cls.target_module}.{cls.name()} no longer exists")
+        params = tuple(inspect.signature(original).parameters)
+        if params != cls.expected_params:
+            raise PatchTargetChanged(
+                f"{cls.target_module}.{cls.name()} changed signature: {params} != {cls.expected_params}"
+            )
+
+    @classmethod
+    def apply(cls) -> None:
+        owner = cls.owner()
+        raw = inspect.getattr_static(owner, cls.target_method)
+        func = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
+        if getattr(func, _APPLIED_MARK, False):
+            return
+        cls.check()
+        wrapper = functools.wraps(func)(cls.wrap(func))
+        setattr(wrapper, _APPLIED_MARK, True)
+        if isinstance(raw, staticmethod):
+            wrapper = staticmethod(wrapper)
+        setattr(owner, cls.target_method, wrapper)
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        raise NotImplementedError
+
+
+def speculative_config_type(value: str) -> dict[str, Any] | None:
+    """argparse `type` for `--speculative-config`: vLLM's JSON parsing plus the bare `std` and STD checks."""
+    if value.strip() == METHOD:
+        return {"method": METHOD}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({e}); use a JSON object or the bare 'std'"
+        ) from None
+    if isinstance(parsed, dict) and parsed.get("method") == METHOD:
+        try:
+            STDConfig.parse(parsed)
+        except STDConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parsed
+
+
+class EngineArgsCliPatch(VLLMPatch):
+    target_module = "vllm.engine.arg_utils"
+    target_class = "EngineArgs"
+    target_method = "add_cli_args"
+    expected_params = ("parser",)
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def add_cli_args(parser):
+            parser = original(parser)
+            for action in parser._actions:
+                if "--speculative-config" in action.option_strings:
+                    action.type = speculative_config_type
+            return parser
+
+        return add_cli_args
+
+
+class EngineArgsSpeculativeConfigPatch(VLLMPatch):
+    target_module = "vllm.engine.arg_utils"
+    target_class = "EngineArgs"
+    target_method = "create_speculative_config"
+    expected_params = ("self", "target_model_config", "target_parallel_config")
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def create_speculative_config(self, target_model_config, target_parallel_config):
+            raw = self.speculative_config
+            if raw == METHOD or (isinstance(raw, dict) and raw.get("method") == METHOD):
+                std = STDConfig.parse(raw)
+                check_target_model(target_model_config)
+                self.additional_config = {
+                    **(self.additional_config or {}),
+                    ADDITIONAL_CONFIG_KEY: std.to_additional_config(),
+                }
+                self.speculative_config = {
+                    "method": "custom_class",
+                    "model": PROPOSER_CLASS,
+                    "num_speculative_tokens": std.num_speculative_tokens,
+                }
+            return original(self, target_model_config, target_parallel_config)
+
+        return create_speculative_config
+
+
+def check_target_model(model_config: Any) -> None:
+    """Start-up refusals that need only the model config (the rest happen when the worker binds)."""
+    if not model_config.is_multimodal_model:
+        raise STDConfigError(
+            f"speculative_config.method 'std' needs a model with video or image inputs; "
+            f"{model_config.model} has none: use another method (e.g. 'ngram') or no speculation"
+        )
+    if model_config.get_sliding_window() is not None:
+        raise STDConfigError(
+            f"speculative_config.method 'std' does not support sliding-window attention "
+            f"({model_config.model}): the sparse drafter's block views assume full attention"
+        )
+
+
+class GPUModelRunnerKVCachePatch(VLLMPatch):
+    target_module = "vllm.v1.worker.gpu_model_runner"
+    target_class = "GPUModelRunner"
+    target_method = "initialize_kv_cache"
+    expected_params = ("self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context")
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def initialize_kv_cache(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            bind = getattr(getattr(self, "drafter", None), "bind_runner", None)
+            if bind is not None:
+                bind(self)
+            return result
+
+        return initialize_kv_cache
+
+
+ENGINE_PATCHES: tuple[type[VLLMPatch], ...] = (EngineArgsCliPatch, EngineArgsSpeculativeConfigPatch)
+WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (GPUModelRunnerKVCachePatch,)
+ALL_PATCHES = ENGINE_PATCHES + WORKER_PATCHES

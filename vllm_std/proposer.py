@@ -1,0 +1,175 @@
+"""`STDProposer`: the sparse drafter, plugged into vLLM as a `custom_class` proposer.
+
+Lifecycle inside a worker: vLLM builds it with the config (`__init__`), calls `load_model` with the target
+model (the drafter *is* the target: nothing to load), and after the KV cache exists the runner patch calls
+`bind_runner`, which validates the engine and hooks every decoder attention layer for prefill scoring.
+Then, after every step, `propose` drafts up to gamma tokens per request that has a selection.
+
+Losslessness rests on three facts: drafts are verified by vLLM's own dense forward and rejection sampler;
+the drafter writes KV only at positions `>= n - 1` (the verifier rewrites them before reading them); and it
+reads the cache through compacted block tables, never changing a block.
+"""
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from vllm_std.backends import adapter_for
+from vllm_std.capture import PrefillScorer
+from vllm_std.config import STDConfig
+from vllm_std.patches import WORKER_PATCHES
+from vllm_std.runner_view import RunnerView
+from vllm_std.selection import RequestSelection, compacted_block_table, compacted_seq_len
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _DraftRequest:
+    row: int
+    selection: RequestSelection
+    num_tokens: int  # n: tokens so far, the last one sampled but not yet in the KV cache
+    num_drafts: int
+    physical: torch.Tensor
+    delta: int
+
+    def position(self, step: int) -> int:
+        return self.num_tokens - 1 + step
+
+
+class STDProposer:
+    """Drafts with the target model reading only its top-K visual blocks per layer plus all other tokens."""
+
+    def __init__(self, vllm_config: Any) -> None:
+        self.vllm_config = vllm_config
+        self.config = STDConfig.from_vllm_config(vllm_config)
+        self.num_speculative_tokens = self.config.num_speculative_tokens
+        for patch in WORKER_PATCHES:
+            patch.apply()
+        self.view: RunnerView | None = None
+        self.scorer: PrefillScorer | None = None
+        self._drafting = False
+
+    def load_model(self, target_model: Any) -> None:
+        """Nothing to load: the drafter shares the target's weights and KV cache."""
+
+    def bind_runner(self, runner: Any) -> None:
+        """Called once the KV cache exists: validate, then hook the attention layers for scoring."""
+        if self.view is not None:
+            return
+        view = RunnerView(runner, self.config)
+        view.check_features()
+        self.adapter = adapter_for(view.backend_name)
+        for layer in view.layers:
+            self.adapter.check_layer(layer.impl)
+        self.scorer = PrefillScorer(self.config, len(view.layers), view.block_size, view.layers[0].impl.scale)
+        for index, layer in enumerate(view.layers):
+            self._hook(layer.impl, index)
+        self.view = view
+        logger.info(
+            "STD on: gamma=%d top_k=%d (%d blocks of %d) modalities=%s min_visual_tokens=%d; %d layers, %s",
+            self.config.num_speculative_tokens,
+            self.config.top_k,
+            self.config.top_k_blocks(view.block_size),
+            view.block_size,
+            ",".join(self.config.modalities),
+            self.config.min_visual_tokens,
+            len(view.layers),
+            view.backend_name,
+        )
+
+    def _hook(self, impl: Any, index: int) -> None:
+        original = impl.forward
+
+        def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+            output = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            if attn_metadata is not None and not self._drafting:
+                if index == 0:
+                    self._plan_step()
+                self.scorer.observe(index, query, key)
+            return output
+
+        impl.forward = forward
+
+    def _plan_step(self) -> None:
+        assert self.view is not None and self.scorer is not None
+        self.scorer.forget(self.view.live_req_ids())
+        rows = self.view.batch_rows()
+        for row in rows:
+            if not self.scorer.known(row.req_id):
+                self.scorer.admit(self.view.visual_request(row.req_id))
+        self.scorer.plan_step(rows)
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: Any,
+        token_ids_cpu: Any,
+        slot_mappings: Any = None,
+    ) -> list[list[int]]:
+        """Draft token ids per request, in the runner's batch order (`[]` where nothing is drafted)."""
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        if self.view is None or self.scorer is None:
+            return drafts
+        requests = self._draftable(sampled_token_ids, num_tokens_no_spec)
+        if not requests:
+            return drafts
+        tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
+        self._drafting = True
+        try:
+            for step in range(max(r.num_drafts for r in requests)):
+                active = [i for i, r in enumerate(requests) if r.num_drafts > step]
+                next_tokens = self._draft_step([requests[i] for i in active], tokens[active], step)
+                for i, token in zip(active, next_tokens.tolist(), strict=True):
+                    drafts[requests[i].row].append(token)
+                tokens[active] = next_tokens
+        finally:
+            self._drafting = False
+        return drafts
+
+    def _draftable(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any) -> list[_DraftRequest]:
+        assert self.view is not None and self.scorer is not None
+        block_size, gamma = self.view.block_size, self.num_speculative_tokens
+        out = []
+        for row, req_id in enumerate(self.view.batch_req_ids()):
+            selection = self.scorer.selections.get(req_id)
+            if selection is None or not sampled_token_ids[row]:
+                continue
+            n = int(num_tokens_no_spec[row])
+            block_ids = self.view.block_ids(req_id)
+            # Draft KV goes to positions n-1 .. n+k-2: stay inside allocated blocks and the model's length.
+            k = min(gamma, len(block_ids) * block_size - (n - 1), self.view.max_model_len - n)
+            if k > 0:
+                physical = torch.tensor(block_ids, dtype=torch.int32)
+                out.append(_DraftRequest(row, selection, n, k, physical, self.view.position_delta(req_id)))
+        return out
+
+    def _draft_step(self, requests: list[_DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
+        assert self.view is not None
+        view, block_size = self.view, self.view.block_size
+        tables, seq_lens, slots, positions = [], [], [], []
+        for r in requests:
+            pos = r.position(step)
+            table = compacted_block_table(
+                r.selection.kept_prompt_blocks,
+                r.selection.num_prompt_blocks,
+                pos // block_size + 1,
+                r.physical,
+            )
+            tables.append(table)
+            seq_lens.append(compacted_seq_len(table.shape[1], pos, block_size))
+            slots.append(int(r.physical[pos // block_size]) * block_size + pos % block_size)
+            positions.append(pos + r.delta)
+        width = max(t.shape[1] for t in tables)
+        block_tables = torch.zeros(len(view.layer_names), len(requests), width, dtype=torch.int32)
+        for i, table in enumerate(tables):
+            block_tables[:, i, : table.shape[1]] = table
+        slot_tensor = torch.tensor(slots, dtype=torch.int64)
+        common = view.common_metadata(torch.tensor(seq_lens, dtype=torch.int32), block_tables[0], slot_tensor)
+        metadata = self.adapter.sparse_metadata(
+            view.attn_group.get_metadata_builder(), common, block_tables, view.layer_names
+        )
+        logits = view.draft_logits(tokens, torch.tensor(positions, dtype=torch.int64), slot_tensor, metadata)
+        return logits.argmax(dim=-1).cpu()

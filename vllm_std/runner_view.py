@@ -1,0 +1,158 @@
+"""The one seam between STD and vLLM's V1 model runner: everything STD reads from or runs through it.
+
+A `custom_class` proposer receives only token ids, but STD needs the runner's requests (multimodal
+placeholder ranges, block ids, M-RoPE deltas), its batch layout, its model and its attention metadata
+builder. Keeping every such access here means a vLLM upgrade touches one file, and tests pin what it uses.
+"""
+
+from typing import Any
+
+import torch
+
+from vllm_std.capture import BatchRow, VisualRequest
+from vllm_std.config import STDConfig, STDConfigError
+
+
+class RunnerView:
+    """Typed access to a bound `GPUModelRunner` (or its CPU subclass)."""
+
+    def __init__(self, runner: Any, config: STDConfig) -> None:
+        from vllm.model_executor.layers.attention.attention import Attention
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        self.runner = runner
+        self.config = config
+        self.vllm_config = runner.vllm_config
+        groups = runner.kv_cache_config.kv_cache_groups
+        if len(groups) != 1 or len(runner.attn_groups[0]) != 1:
+            raise STDConfigError(
+                "speculative_config.method 'std' needs one full-attention KV cache group with one attention "
+                f"backend; this model has {len(groups)} groups: run without STD"
+            )
+        self.attn_group = runner.attn_groups[0][0]
+        self.block_size: int = groups[0].kv_cache_spec.block_size
+        if self.attn_group.kernel_block_size not in (None, self.block_size):
+            raise STDConfigError(
+                f"speculative_config.method 'std' needs kernel block size == KV block size "
+                f"({self.attn_group.kernel_block_size} != {self.block_size}); use the default --block-size"
+            )
+        self.layer_names: list[str] = sorted(self.attn_group.layer_names, key=extract_layer_index)
+        forward_context = self.vllm_config.compilation_config.static_forward_context
+        self.layers: list[Attention] = [forward_context[name] for name in self.layer_names]
+        self.backend_name: str = self.attn_group.backend.get_name()
+
+    def check_features(self) -> None:
+        """Start-up refusals for engine features the sparse drafter cannot honour."""
+        vc = self.vllm_config
+        problems = {
+            "LoRA adapters (--enable-lora)": self.runner.lora_config is not None,
+            "KV transfer connectors (--kv-transfer-config)": vc.kv_transfer_config is not None,
+            "pipeline parallelism (--pipeline-parallel-size > 1)": vc.parallel_config.pipeline_parallel_size
+            > 1,
+        }
+        for feature, present in problems.items():
+            if present:
+                raise STDConfigError(
+                    f"speculative_config.method 'std' does not support {feature}; remove one"
+                )
+
+    # Batch and requests -------------------------------------------------------------------------------
+
+    def batch_rows(self) -> list[BatchRow]:
+        """Rows of the forward pass being run, in the runner's request order."""
+        batch = self.runner.input_batch
+        num_reqs = batch.num_reqs
+        starts = self.runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+        computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()
+        return [
+            BatchRow(batch.req_ids[i], starts[i], starts[i + 1] - starts[i], int(computed[i]))
+            for i in range(num_reqs)
+        ]
+
+    def live_req_ids(self) -> set[str]:
+        return set(self.runner.requests)
+
+    def visual_request(self, req_id: str) -> VisualRequest:
+        state = self.runner.requests[req_id]
+        spans = tuple(
+            (f.mm_position.offset, f.mm_position.length)
+            for f in state.mm_features
+            if f.modality in self.config.modalities
+        )
+        return VisualRequest(req_id, state.num_prompt_tokens, spans)
+
+    def batch_req_ids(self) -> list[str]:
+        return list(self.runner.input_batch.req_ids)
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return self.runner.requests[req_id].block_ids[0]
+
+    def position_delta(self, req_id: str) -> int:
+        """M-RoPE offset of generated tokens (0 for 1-D RoPE models)."""
+        if not self.runner.uses_mrope:
+            return 0
+        return self.runner.requests[req_id].mrope_position_delta or 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    # Running the model --------------------------------------------------------------------------------
+
+    def draft_logits(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attn_metadata: dict[str, Any],
+    ) -> torch.Tensor:
+        """One decode step of the target model over `B` tokens with the given per-layer metadata.
+
+        Inputs go through the runner's own persistent buffers, exactly as its forward passes do: the model
+        was compiled once (no guards) against views of those buffers.
+        """
+        from vllm.forward_context import set_forward_context
+
+        runner, model = self.runner, self.runner.model
+        num = token_ids.shape[0]
+        ids = runner.input_ids.gpu[:num]
+        ids.copy_(token_ids)
+        inputs_embeds = None
+        input_ids: torch.Tensor | None = ids
+        if runner.supports_mm_inputs:
+            runner.inputs_embeds.gpu[:num].copy_(model.embed_input_ids(ids))
+            inputs_embeds = runner.inputs_embeds.gpu[:num]
+            if not model.requires_raw_input_tokens:
+                input_ids = None
+        if runner.uses_mrope:
+            runner.mrope_positions.gpu[:, :num].copy_(positions.expand(runner.mrope_num_dims, -1))
+            pos = runner.mrope_positions.gpu[:, :num]
+        else:
+            runner.positions[:num].copy_(positions)
+            pos = runner.positions[:num]
+        slot_mapping = dict.fromkeys(self.layer_names, slots)
+        with set_forward_context(attn_metadata, self.vllm_config, num_tokens=num, slot_mapping=slot_mapping):
+            hidden = model(
+                input_ids=input_ids, positions=pos, intermediate_tensors=None, inputs_embeds=inputs_embeds
+            )
+        return model.compute_logits(hidden[:num])
+
+    def common_metadata(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor) -> Any:
+        """vLLM's backend-independent metadata for `B` single-token queries."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        num = seq_lens.shape[0]
+        device = self.runner.device
+        query_start_loc = torch.arange(num + 1, dtype=torch.int32)
+        return CommonAttentionMetadata(
+            query_start_loc=query_start_loc.to(device),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens=seq_lens.to(device),
+            num_reqs=num,
+            num_actual_tokens=num,
+            max_query_len=1,
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=block_table.to(device),
+            slot_mapping=slots.to(device),
+            causal=True,
+        )

@@ -1,0 +1,72 @@
+"""Block selection and the drafter's compacted block-table view. Pure torch, no vLLM.
+
+Selection works on whole PagedAttention blocks: a block is a *candidate* for dropping only when every one of
+its positions is a visual token of the prompt. Every other block (system prompt, question, generated text, a
+block shared by video and text) is always kept, so the drafter sees all non-visual tokens.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+
+def visual_mask(num_tokens: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """`[num_tokens]` bool: True at positions inside any `(offset, length)` span."""
+    mask = torch.zeros(num_tokens, dtype=torch.bool)
+    for offset, length in spans:
+        mask[offset : offset + length] = True
+    return mask
+
+
+def candidate_blocks(visual: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`[ceil(T / bs)]` bool: blocks that are full and visual at every position (droppable)."""
+    num_full = visual.shape[0] // block_size
+    out = torch.zeros(-(-visual.shape[0] // block_size), dtype=torch.bool)
+    out[:num_full] = visual[: num_full * block_size].view(num_full, block_size).all(dim=1)
+    return out
+
+
+def select_blocks(block_scores: torch.Tensor, candidates: torch.Tensor, k_blocks: int) -> torch.Tensor:
+    """Per layer, the prompt blocks the drafter keeps: every non-candidate plus the top-k candidates.
+
+    `block_scores` is `[L, nb]`; returns `[L, nb - num_candidates + min(k, num_candidates)]` int64 block
+    indices in ascending order (the order the attention kernel reads them). Ties go to the earlier block.
+    """
+    num_layers = block_scores.shape[0]
+    cand_idx = candidates.nonzero().squeeze(1)
+    always = (~candidates).nonzero().squeeze(1)
+    k = min(k_blocks, cand_idx.numel())
+    order = torch.sort(block_scores[:, cand_idx], dim=1, descending=True, stable=True).indices[:, :k]
+    chosen = cand_idx[order]
+    kept = torch.cat([always.expand(num_layers, -1), chosen], dim=1)
+    return torch.sort(kept, dim=1).values
+
+
+def compacted_block_table(
+    kept_prompt_blocks: torch.Tensor, num_prompt_blocks: int, num_blocks: int, physical: torch.Tensor
+) -> torch.Tensor:
+    """`[L, n]` physical block ids the drafter reads: kept prompt blocks, then every block after the prompt.
+
+    `num_blocks` counts the logical blocks up to and including the one holding the newest token;
+    `physical[b]` is the physical id of logical block `b`.
+    """
+    num_layers = kept_prompt_blocks.shape[0]
+    tail = torch.arange(num_prompt_blocks, num_blocks).expand(num_layers, -1)
+    return physical[torch.cat([kept_prompt_blocks, tail], dim=1)]
+
+
+def compacted_seq_len(num_kept_blocks: int, position: int, block_size: int) -> int:
+    """Sequence length of a compacted view whose last block holds `position`; all others are full."""
+    return (num_kept_blocks - 1) * block_size + position % block_size + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSelection:
+    """What one request's drafter reads, fixed once its prefill is scored."""
+
+    kept_prompt_blocks: torch.Tensor  # [L, m] logical block ids within the prompt, ascending
+    num_prompt_blocks: int
+    num_visual_tokens: int
+    num_candidate_blocks: int
+    num_kept_candidate_blocks: int

@@ -9,6 +9,7 @@ Chunked prefill therefore works: keys of earlier chunks come from the stash, nev
 never seen by the wrapper; it is not drafted.
 """
 
+import collections
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -58,8 +59,19 @@ class VisualRequest:
     visual_spans: tuple[tuple[int, int], ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionRecord:
+    """A finished scoring, kept in a short history for inspection (tests, debugging, metrics)."""
+
+    req_id: str
+    block_scores: torch.Tensor  # [L, num_prompt_blocks]
+    selection: RequestSelection
+
+
 class PrefillScorer:
     """Owns the per-request prefill stashes; produces `RequestSelection`s and skip reasons."""
+
+    HISTORY = 256
 
     def __init__(self, config: STDConfig, num_layers: int, block_size: int, scale: float) -> None:
         self.config = config
@@ -70,6 +82,8 @@ class PrefillScorer:
         self.selections: dict[str, RequestSelection] = {}
         self.skipped: dict[str, str] = {}
         self.scoring_seconds = 0.0
+        self.skip_counts: collections.Counter[str] = collections.Counter()
+        self.history: collections.deque[SelectionRecord] = collections.deque(maxlen=self.HISTORY)
         self._plan: list[tuple[BatchRow, _PendingPrefill]] = []
 
     def known(self, req_id: str) -> bool:
@@ -79,9 +93,9 @@ class PrefillScorer:
         """Registers a request the first time it is scheduled."""
         num_visual = sum(length for _, length in request.visual_spans)
         if num_visual == 0:
-            self.skipped[request.req_id] = "no_visual_input"
+            self._skip(request.req_id, "no_visual_input")
         elif num_visual < self.config.min_visual_tokens:
-            self.skipped[request.req_id] = "too_few_visual_tokens"
+            self._skip(request.req_id, "too_few_visual_tokens")
         else:
             self.pending[request.req_id] = _PendingPrefill(
                 visual=visual_mask(request.num_prompt_tokens, request.visual_spans),
@@ -106,7 +120,7 @@ class PrefillScorer:
             if resumed and (row.chunk_start > state.first_visual or state.next_position > 0):
                 # Visual KV this hook never saw (a prefix-cache hit, or a gap): its keys are missing.
                 del self.pending[row.req_id]
-                self.skipped[row.req_id] = "visual_kv_from_prefix_cache"
+                self._skip(row.req_id, "visual_kv_from_prefix_cache")
                 continue
             if row.chunk_start == 0 or state.key_start is None:
                 # First chunk, or a recompute from scratch after preemption.
@@ -115,6 +129,10 @@ class PrefillScorer:
             positions = torch.arange(row.chunk_start, row.chunk_start + row.num_rows)
             state.query_positions.append(positions[positions >= state.text_start])
             self._plan.append((row, state))
+
+    def _skip(self, req_id: str, reason: str) -> None:
+        self.skipped[req_id] = reason
+        self.skip_counts[reason] += 1
 
     def _reset(self, state: _PendingPrefill, key_start: int) -> None:
         state.key_start = key_start
@@ -158,16 +176,18 @@ class PrefillScorer:
         del self.pending[req_id]
         scores = torch.stack([s for s in state.scores if s is not None])
         if scores.shape[0] != self.num_layers:
-            self.skipped[req_id] = "incomplete_capture"
+            self._skip(req_id, "incomplete_capture")
             return
         candidates = candidate_blocks(state.visual, self.block_size)
         k_blocks = self.config.top_k_blocks(self.block_size)
         kept = select_blocks(scores, candidates, k_blocks)
         num_candidates = int(candidates.sum())
-        self.selections[req_id] = RequestSelection(
+        selection = RequestSelection(
             kept_prompt_blocks=kept,
             num_prompt_blocks=candidates.shape[0],
             num_visual_tokens=int(state.visual.sum()),
             num_candidate_blocks=num_candidates,
             num_kept_candidate_blocks=min(k_blocks, num_candidates),
         )
+        self.selections[req_id] = selection
+        self.history.append(SelectionRecord(req_id, scores, selection))

@@ -29,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="generate on the tiny fixture with a synthetic video")
     demo.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
-    demo.add_argument("--frames", type=int, default=16, help="frames of the synthetic video")
+    demo.add_argument("--frames", type=int, default=64, help="frames of the synthetic video (64: 2k tokens)")
     demo.add_argument("--size", type=int, default=224, help="frame height and width in pixels")
+    demo.add_argument("--batch", type=int, default=2, help="requests, each with its own video")
     demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--gamma", type=int, default=4, help="num_speculative_tokens")
+    demo.add_argument("--top-k", type=int, default=1024, help="visual tokens kept per layer")
     demo.add_argument("--question", default="What happens in the video?")
     demo.set_defaults(func=_demo)
 

@@ -1,9 +1,5 @@
 """vLLM general-plugin entry point (group `vllm.general_plugins`, name `std`)."""
 
-import logging
-
-logger = logging.getLogger(__name__)
-
 
 def register() -> None:
     """Called by vLLM in every process (API server, engine core, workers): cheap and idempotent.

@@ -23,7 +23,8 @@ from vllm_std.patches import WORKER_PATCHES
 from vllm_std.runner_view import RunnerView
 from vllm_std.selection import RequestSelection, compacted_block_table, compacted_seq_len
 
-logger = logging.getLogger(__name__)
+# Under "vllm." so that vLLM's own logging configuration prints it.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 
 @dataclasses.dataclass
@@ -84,12 +85,11 @@ class STDProposer:
         original = impl.forward
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
-            output = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
             if attn_metadata is not None and not self._drafting:
                 if index == 0:
                     self._plan_step()
                 self.scorer.observe(index, query, key)
-            return output
+            return original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
 
         impl.forward = forward
 

@@ -1,0 +1,155 @@
+"""Engines, requests and vLLM's own counters for the end-to-end tests."""
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from vllm import LLM, SamplingParams
+
+from vllm_std.fixtures.models import tiny_model
+from vllm_std.fixtures.prompts import synthetic_image, vllm_request
+from vllm_std.fixtures.video import synthetic_frames
+
+# Frames per test video: about 1k visual tokens (8 KV blocks of 128) on either fixture family.
+VIDEO_FRAMES = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 64}
+
+
+def mixed_requests(family: str) -> list[dict[str, Any]]:
+    """A batch mixing two videos, an image, a video with an image, and a text-only prompt."""
+    path = str(tiny_model(family))
+    frames = VIDEO_FRAMES[family]
+    # vLLM 0.32's LLaVA-OneVision fails on a batch whose videos differ in length ("Expected multimodal
+    # embeddings to be a sequence of 2D tensors"), without speculation too: keep its videos equal.
+    short = frames // 2 if family.startswith("qwen") else frames
+    image_size = 448 if family.startswith("qwen") else 112
+    return [
+        vllm_request(path, "What happens in the video?", videos=[synthetic_frames(frames, 224, 224, seed=1)]),
+        vllm_request(path, "Describe the first frame.", videos=[synthetic_frames(frames, 224, 224, seed=2)]),
+        vllm_request(
+            path, "What is in the picture?", images=[synthetic_image(image_size, image_size, seed=3)]
+        ),
+        vllm_request(
+            path,
+            "Does the picture appear in the video?",
+            videos=[synthetic_frames(short, 224, 224, seed=4)],
+            images=[synthetic_image(image_size, image_size, seed=5)],
+        ),
+        vllm_request(path, "Tell me about the red car."),
+    ]
+
+
+GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+
+
+@contextmanager
+def engine(
+    family: str, dtype: str = "float32", speculative_config: Any = None, **kwargs: Any
+) -> Iterator[LLM]:
+    llm = LLM(
+        str(tiny_model(family)),
+        dtype=dtype,
+        max_model_len=kwargs.pop("max_model_len", 8192),
+        limit_mm_per_prompt={"video": 1, "image": 1},
+        speculative_config=speculative_config,
+        seed=0,
+        disable_log_stats=False,
+        **kwargs,
+    )
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+def token_ids(outputs: list[Any]) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def spec_counters(llm: LLM) -> dict[str, Any]:
+    """vLLM's own spec-decode counters (the same ones `/metrics` exposes)."""
+    values: dict[str, Any] = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode_"):
+            key = metric.name.removeprefix("vllm:spec_decode_")
+            values[key] = getattr(metric, "values", None) or metric.value
+    return values
+
+
+def acceptance(counters: dict[str, Any]) -> float:
+    return counters["num_accepted_tokens"] / counters["num_draft_tokens"]
+
+
+def _report(worker: Any) -> dict[str, Any]:
+    scorer = worker.model_runner.drafter.scorer
+    return {
+        "history": [
+            {
+                "req_id": r.req_id,
+                "block_scores": r.block_scores.tolist(),
+                "kept": r.selection.kept_prompt_blocks.tolist(),
+                "num_candidate_blocks": r.selection.num_candidate_blocks,
+            }
+            for r in scorer.history
+        ],
+        "skip_counts": dict(scorer.skip_counts),
+        "live": sorted([*scorer.pending, *scorer.selections, *scorer.skipped]),
+    }
+
+
+def drafter_report(llm: LLM) -> dict[str, Any]:
+    """What the STD drafter in the (single) worker knows: recent selections, skip reasons, live state."""
+    return llm.collective_rpc(_report)[0]
+
+
+@contextmanager
+def served(model: str, *args: str, startup_timeout: float = 420.0) -> Iterator[tuple[str, list[str]]]:
+    """A real `vllm serve` on 127.0.0.1; yields its base URL and a list that fills with its log lines."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        str(Path(sys.executable).with_name("vllm")),
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("vllm serve exited during start-up:\n" + "".join(log[-40:]))
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("vllm serve did not become healthy:\n" + "".join(log[-40:]))
+            time.sleep(1)
+        yield url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

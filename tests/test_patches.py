@@ -1,0 +1,98 @@
+"""Every patch of vLLM internals, and every vLLM symbol STD relies on, checked against the installed vLLM.
+
+These fail loudly, naming the symbol, when a vLLM upgrade moves or reshapes something STD hooks into.
+"""
+
+import dataclasses
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from vllm_std import patches
+from vllm_std.patches import ALL_PATCHES, PatchTargetChanged, VLLMPatch
+
+
+@pytest.mark.parametrize("patch", ALL_PATCHES, ids=lambda p: p.name())
+def test_patch_target_matches_installed_vllm(patch: type[VLLMPatch]) -> None:
+    patch.check()
+
+
+def test_check_fails_loudly_on_a_changed_signature() -> None:
+    class Drifted(patches.EngineArgsSpeculativeConfigPatch):
+        expected_params = ("self", "target_model_config")
+
+    with pytest.raises(PatchTargetChanged, match="changed signature"):
+        Drifted.check()
+
+
+def test_apply_is_idempotent() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    for patch in ALL_PATCHES:
+        patch.apply()
+        patch.apply()
+    wrapped = EngineArgs.create_speculative_config
+    assert getattr(wrapped, "__vllm_std_patch__", False)
+    assert not getattr(wrapped.__wrapped__, "__vllm_std_patch__", False)
+
+
+def test_plugin_loads_through_vllm_in_a_fresh_process() -> None:
+    """vLLM's own plugin loader (as every vLLM process runs it) applies the engine patches."""
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins();"
+        "from vllm.engine.arg_utils import EngineArgs;"
+        "assert EngineArgs.create_speculative_config.__vllm_std_patch__;"
+        "assert EngineArgs.add_cli_args.__vllm_std_patch__; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_symbols_std_reads_exist() -> None:
+    """The vLLM names `runner_view`, `capture` and the CPU adapter use, outside the patched methods."""
+    from vllm.forward_context import set_forward_context
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
+    from vllm.v1.spec_decode.custom_class_proposer import create_custom_proposer
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert {"num_tokens", "slot_mapping"} <= set(inspect.signature(set_forward_context).parameters)
+    assert {"modality", "mm_position"} <= _fields(MultiModalFeatureSpec)
+    assert {"offset", "length"} <= _fields(PlaceholderRange)
+    assert {
+        "query_start_loc",
+        "query_start_loc_cpu",
+        "seq_lens",
+        "num_reqs",
+        "num_actual_tokens",
+        "max_query_len",
+        "max_seq_len",
+        "block_table_tensor",
+        "slot_mapping",
+        "causal",
+    } <= _fields(CommonAttentionMetadata)
+    assert "block_table" in _fields(CPUAttentionMetadata)
+    assert list(inspect.signature(CPUAttentionBackendImpl.forward).parameters)[:7] == [
+        "self",
+        "layer",
+        "query",
+        "key",
+        "value",
+        "kv_cache",
+        "attn_metadata",
+    ]
+    assert list(inspect.signature(create_custom_proposer).parameters) == ["vllm_config"]
+    assert {"mm_features", "block_ids", "mrope_position_delta", "num_prompt_tokens"} <= _fields(
+        CachedRequestState
+    )
+    # The custom_class branch hands `propose` exactly these arguments.
+    source = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
+    assert "self.input_batch.num_tokens_no_spec,\n                self.input_batch.token_ids_cpu," in source

@@ -1,0 +1,65 @@
+"""STD is lossless: greedy output with STD equals the same engine without speculation, token for token.
+
+The matrix covers both fixture families, float32 and bfloat16, gamma 1/4/8, and K from one KV block to more
+than every visual token, on a batch mixing videos, an image, a video with an image, and text. Qwen2-VL
+engines use `max_num_batched_tokens=512`, so each ~1k-token video prompt is prefilled in chunks (the
+scorer's stash is exercised every time). LLaVA-OneVision cannot split a video item across chunks (its
+1025 embeddings must fit the encoder budget), so its engines prefill each prompt in one chunk. vLLM's
+defaults otherwise (prefix caching on).
+"""
+
+import functools
+
+import pytest
+from helpers import GREEDY, acceptance, drafter_report, engine, mixed_requests, spec_counters, token_ids
+
+ENGINE_ARGS = {
+    "qwen2_vl": {"max_num_batched_tokens": 512},
+    "llava_onevision": {"max_num_batched_tokens": 2048},
+}
+ALL_VISUAL = 100_000  # K larger than any prompt here: the drafter then reads every block
+
+
+@functools.cache
+def baseline(family: str, dtype: str) -> list[list[int]]:
+    with engine(family, dtype, **ENGINE_ARGS[family]) as llm:
+        return token_ids(llm.generate(mixed_requests(family), GREEDY))
+
+
+CASES = [
+    pytest.param("qwen2_vl", "float32", 4, 128, id="qwen2vl-f32-gamma4-K1block"),
+    pytest.param("qwen2_vl", "float32", 8, ALL_VISUAL, id="qwen2vl-f32-gamma8-Kall"),
+    pytest.param("qwen2_vl", "float32", 1, 512, id="qwen2vl-f32-gamma1-K4blocks"),
+    pytest.param("qwen2_vl", "bfloat16", 4, 256, id="qwen2vl-bf16-gamma4-K2blocks"),
+    pytest.param("llava_onevision", "float32", 4, 128, id="llavaov-f32-gamma4-K1block"),
+    pytest.param("llava_onevision", "float32", 8, ALL_VISUAL, id="llavaov-f32-gamma8-Kall"),
+    pytest.param("llava_onevision", "bfloat16", 8, 512, id="llavaov-bf16-gamma8-K4blocks"),
+]
+
+
+@pytest.mark.parametrize(("family", "dtype", "gamma", "top_k"), CASES)
+def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: int) -> None:
+    expected = baseline(family, dtype)
+    spec = {"method": "std", "num_speculative_tokens": gamma, "top_k": top_k}
+    with engine(family, dtype, speculative_config=spec, **ENGINE_ARGS[family]) as llm:
+        outputs = token_ids(llm.generate(mixed_requests(family), GREEDY))
+        counters = spec_counters(llm)
+        report = drafter_report(llm)
+
+    assert outputs == expected
+    # Four of the five requests carry visual input and were scored (chunked prefill and all).
+    assert len(report["history"]) == 4
+    assert report["skip_counts"] == {"no_visual_input": 1}
+    assert counters["num_drafts"] > 0
+    assert counters["num_draft_tokens"] <= gamma * counters["num_drafts"]
+    for record in report["history"]:
+        kept_candidates = len(record["kept"][0]) - (
+            len(record["block_scores"][0]) - record["num_candidate_blocks"]
+        )
+        assert kept_candidates == min(-(-top_k // 128), record["num_candidate_blocks"])
+    if top_k == ALL_VISUAL:
+        # The sparse drafter then computes the dense model's function.
+        assert acceptance(counters) >= 0.99
+    elif top_k == 128:
+        # One block of ~8: the selection really drops context and drafts get rejected.
+        assert acceptance(counters) < 0.9

@@ -1,0 +1,72 @@
+"""Preemption and aborted requests under STD: still lossless, and no per-request state left behind."""
+
+import pytest
+from helpers import drafter_report, engine, spec_counters, token_ids
+from vllm import LLM, SamplingParams
+
+from vllm_std.fixtures.models import tiny_model
+from vllm_std.fixtures.prompts import vllm_request
+from vllm_std.fixtures.video import synthetic_frames
+
+# 20 KV blocks of 128 tokens for four ~1k-token video prompts that each grow past 9 blocks: vLLM must
+# preempt and recompute. Prefix caching off, so a recompute really re-runs (and re-scores) the prefill.
+TIGHT = {"num_gpu_blocks_override": 20, "enable_prefix_caching": False, "max_num_batched_tokens": 512}
+LONG = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": 512}
+
+
+def _videos(path: str, count: int) -> list[dict]:
+    return [
+        vllm_request(path, "What happens in the video?", videos=[synthetic_frames(32, 224, 224, seed=10 + i)])
+        for i in range(count)
+    ]
+
+
+def _abort_scenario(llm: LLM, path: str) -> dict[str, list[int]]:
+    """Three requests; one aborted mid-decode, one aborted mid-prefill; returns the finished outputs."""
+    engine_ = llm.llm_engine
+    requests = _videos(path, 3)
+    for name, request in zip(("keep", "abort-decode", "abort-prefill"), requests, strict=True):
+        engine_.add_request(name, request, LONG)
+    finished: dict[str, list[int]] = {}
+    steps = 0
+    while engine_.has_unfinished_requests():
+        steps += 1
+        for out in engine_.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+            elif out.request_id == "abort-decode" and len(out.outputs[0].token_ids) >= 6:
+                engine_.abort_request(["abort-decode"])
+        if steps == 1:
+            engine_.abort_request(["abort-prefill"])  # its 1k-token prompt needs several 512-token chunks
+    return finished
+
+
+@pytest.fixture(scope="module")
+def baseline() -> dict:
+    path = str(tiny_model("qwen2_vl"))
+    with engine("qwen2_vl", **TIGHT) as llm:
+        return {
+            "preempt": token_ids(llm.generate(_videos(path, 4), LONG)),
+            "abort": _abort_scenario(llm, path),
+        }
+
+
+def test_preemption_is_lossless(baseline: dict) -> None:
+    path = str(tiny_model("qwen2_vl"))
+    with engine("qwen2_vl", speculative_config=SPEC, **TIGHT) as llm:
+        outputs = token_ids(llm.generate(_videos(path, 4), LONG))
+        preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        counters = spec_counters(llm)
+        aborted = _abort_scenario(llm, path)
+        llm.generate([vllm_request(path, "Tell me about the red car.")], SamplingParams(max_tokens=4))
+        report = drafter_report(llm)
+
+    assert preemptions > 0, "the KV cache was not tight enough to force preemption"
+    assert outputs == baseline["preempt"]
+    assert counters["num_drafts"] > 0
+    # Aborted requests end early; the survivor's output is the one without speculation.
+    assert set(aborted) == {"keep"} | (set(baseline["abort"]) - {"keep"}) and "abort-prefill" not in aborted
+    assert aborted["keep"] == baseline["abort"]["keep"]
+    # Nothing is tracked for the finished, aborted or preempted requests once vLLM dropped them.
+    assert len(report["live"]) <= 1

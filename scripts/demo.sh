@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4}
-exec .venv/bin/vllm-std demo "$@"
+exec "${VLLM_STD_VENV:-.venv}/bin/vllm-std" demo "$@"

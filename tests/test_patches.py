@@ -90,9 +90,11 @@ def test_symbols_std_reads_exist() -> None:
         "attn_metadata",
     ]
     assert list(inspect.signature(create_custom_proposer).parameters) == ["vllm_config"]
-    assert {"mm_features", "block_ids", "mrope_position_delta", "num_prompt_tokens"} <= _fields(
+    assert {"mm_features", "block_ids", "mrope_position_delta", "prompt_token_ids"} <= _fields(
         CachedRequestState
     )
+    # `num_prompt_tokens` is set in __post_init__, not a field.
+    assert "self.num_prompt_tokens =" in inspect.getsource(CachedRequestState.__post_init__)
     # The custom_class branch hands `propose` exactly these arguments.
     source = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
     assert "self.input_batch.num_tokens_no_spec,\n                self.input_batch.token_ids_cpu," in source

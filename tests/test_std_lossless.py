@@ -12,6 +12,7 @@ import functools
 
 import pytest
 from helpers import GREEDY, acceptance, drafter_report, engine, mixed_requests, spec_counters, token_ids
+from vllm import LLM
 
 ENGINE_ARGS = {
     "qwen2_vl": {"max_num_batched_tokens": 512},
@@ -20,10 +21,18 @@ ENGINE_ARGS = {
 ALL_VISUAL = 100_000  # K larger than any prompt here: the drafter then reads every block
 
 
+def _run(llm: LLM, family: str) -> list[list[int]]:
+    """The mixed batch, then a follow-up on the first video whose visual KV comes from the prefix cache."""
+    requests = mixed_requests(family)
+    outputs = token_ids(llm.generate(requests, GREEDY))
+    follow_up = {**requests[0], "prompt": requests[0]["prompt"].replace("What happens", "What changes")}
+    return outputs + token_ids(llm.generate([follow_up], GREEDY))
+
+
 @functools.cache
 def baseline(family: str, dtype: str) -> list[list[int]]:
     with engine(family, dtype, **ENGINE_ARGS[family]) as llm:
-        return token_ids(llm.generate(mixed_requests(family), GREEDY))
+        return _run(llm, family)
 
 
 CASES = [
@@ -42,14 +51,15 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
     expected = baseline(family, dtype)
     spec = {"method": "std", "num_speculative_tokens": gamma, "top_k": top_k}
     with engine(family, dtype, speculative_config=spec, **ENGINE_ARGS[family]) as llm:
-        outputs = token_ids(llm.generate(mixed_requests(family), GREEDY))
+        outputs = _run(llm, family)
         counters = spec_counters(llm)
         report = drafter_report(llm)
 
     assert outputs == expected
-    # Four of the five requests carry visual input and were scored (chunked prefill and all).
+    # Four of the five requests carry visual input and were scored (chunked prefill and all); the
+    # follow-up found its video in the prefix cache, so it decoded without drafts.
     assert len(report["history"]) == 4
-    assert report["skip_counts"] == {"no_visual_input": 1}
+    assert report["skip_counts"] == {"no_visual_input": 1, "visual_kv_from_prefix_cache": 1}
     assert counters["num_drafts"] > 0
     assert counters["num_draft_tokens"] <= gamma * counters["num_drafts"]
     for record in report["history"]:

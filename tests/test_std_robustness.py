@@ -10,7 +10,12 @@ from vllm_std.fixtures.video import synthetic_frames
 
 # 20 KV blocks of 128 tokens for four ~1k-token video prompts that each grow past 9 blocks: vLLM must
 # preempt and recompute. Prefix caching off, so a recompute really re-runs (and re-scores) the prefill.
-TIGHT = {"num_gpu_blocks_override": 20, "enable_prefix_caching": False, "max_num_batched_tokens": 512}
+TIGHT = {
+    "num_gpu_blocks_override": 20,
+    "max_model_len": 2048,
+    "enable_prefix_caching": False,
+    "max_num_batched_tokens": 512,
+}
 LONG = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
 SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": 512}
 

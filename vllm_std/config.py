@@ -8,7 +8,7 @@ STD fields in `VllmConfig.additional_config["std"]`, which vLLM hashes and pickl
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 METHOD = "std"
 ADDITIONAL_CONFIG_KEY = "std"
@@ -36,6 +36,12 @@ class STDConfig(BaseModel):
     min_visual_tokens: Annotated[int, Field(ge=0)] = 1
     """Requests with fewer visual tokens than this get no drafts (they decode as without speculation)."""
 
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        """JSON has lists, not tuples; everything else is validated strictly (no `true` for an int)."""
+        return tuple(value) if isinstance(value, list) else value
+
     def top_k_blocks(self, block_size: int) -> int:
         return -(-self.top_k // block_size)
 
@@ -47,7 +53,7 @@ class STDConfig(BaseModel):
         if not isinstance(raw, dict):
             raise STDConfigError(f"speculative config for method 'std' must be a JSON object, got {raw!r}")
         try:
-            return cls.model_validate(raw, strict=False)
+            return cls.model_validate(raw)
         except ValidationError as e:
             raise STDConfigError(_one_line(e)) from None
 

@@ -13,24 +13,29 @@ import time
 from typing import Any
 
 from vllm_std.fixtures.models import tiny_model
-from vllm_std.fixtures.prompts import vllm_request
+from vllm_std.fixtures.prompts import prompt_token_count, vllm_request
 from vllm_std.fixtures.video import synthetic_frames
 
 
-def _run(path: str, requests: list[dict], speculative_config: Any, max_tokens: int) -> dict[str, Any]:
+def _run(
+    path: str, requests: list[dict], speculative_config: Any, max_tokens: int, prompt_tokens: int
+) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
         path,
         dtype="float32",
-        max_model_len=65536,
+        max_model_len=prompt_tokens + max_tokens + 64,
+        # A video item is encoded in one go: the encoder budget must hold all of its tokens.
+        max_num_batched_tokens=max(8192, prompt_tokens),
         limit_mm_per_prompt={"video": 1},
         speculative_config=speculative_config,
         seed=0,
         disable_log_stats=False,
     )
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(requests[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    # Warm up with text only: a warm-up on the video would put it in the prefix cache (and STD skips those).
+    llm.generate([{"prompt": "Hello"}], SamplingParams(max_tokens=2), use_tqdm=False)
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -73,10 +78,10 @@ def run_demo(args: argparse.Namespace) -> int:
         f"video: {args.frames} frames of {args.size}x{args.size}, batch {args.batch}; STD: {json.dumps(spec)}"
     )
 
-    dense = _run(path, requests, None, args.max_tokens)
-    std = _run(path, requests, spec, args.max_tokens)
+    prompt_tokens = prompt_token_count(path, requests[0])
+    dense = _run(path, requests, None, args.max_tokens, prompt_tokens)
+    std = _run(path, requests, spec, args.max_tokens, prompt_tokens)
 
-    prompt_tokens = len(dense["outputs"][0].prompt_token_ids)
     identical = [
         list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
         for a, b in zip(dense["outputs"], std["outputs"], strict=True)

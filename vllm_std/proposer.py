@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vllm_std.backends import adapter_for
+from vllm_std.backends.base import AttentionAdapter
 from vllm_std.capture import PrefillScorer
 from vllm_std.config import STDConfig
 from vllm_std.patches import WORKER_PATCHES
@@ -50,6 +51,7 @@ class STDProposer:
         for patch in WORKER_PATCHES:
             patch.apply()
         self.view: RunnerView | None = None
+        self.adapter: AttentionAdapter | None = None
         self.scorer: PrefillScorer | None = None
         self._drafting = False
 
@@ -139,15 +141,21 @@ class STDProposer:
                 continue
             n = int(num_tokens_no_spec[row])
             block_ids = self.view.block_ids(req_id)
-            # Draft KV goes to positions n-1 .. n+k-2: stay inside allocated blocks and the model's length.
-            k = min(gamma, len(block_ids) * block_size - (n - 1), self.view.max_model_len - n)
+            # Draft KV goes to positions n-1 .. n+k-2: stay inside allocated blocks and the model's length,
+            # and draft no more than the request may still emit besides the verifier's own token.
+            k = min(
+                gamma,
+                len(block_ids) * block_size - (n - 1),
+                self.view.max_model_len - n,
+                self.view.remaining_tokens(req_id) - 1,
+            )
             if k > 0:
                 physical = torch.tensor(block_ids, dtype=torch.int32)
                 out.append(_DraftRequest(row, selection, n, k, physical, self.view.position_delta(req_id)))
         return out
 
     def _draft_step(self, requests: list[_DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
-        assert self.view is not None
+        assert self.view is not None and self.adapter is not None
         view, block_size = self.view, self.view.block_size
         tables, seq_lens, slots, positions = [], [], [], []
         for r in requests:

@@ -87,6 +87,12 @@ class RunnerView:
     def block_ids(self, req_id: str) -> list[int]:
         return self.runner.requests[req_id].block_ids[0]
 
+    def remaining_tokens(self, req_id: str) -> int:
+        """Tokens the request may still generate (its `max_tokens` minus what it has)."""
+        state = self.runner.requests[req_id]
+        max_tokens = getattr(state.sampling_params, "max_tokens", None)
+        return self.max_model_len if max_tokens is None else max_tokens - len(state.output_token_ids)
+
     def position_delta(self, req_id: str) -> int:
         """M-RoPE offset of generated tokens (0 for 1-D RoPE models)."""
         if not self.runner.uses_mrope:

@@ -1,0 +1,249 @@
+"""STD settings: defaults, validation with one-line errors, and the trip through vLLM's `additional_config`.
+
+A bad `--speculative-config` must stop `vllm serve` with a single line that names the field, before any
+engine starts; a good one must reach every worker unchanged. No vLLM engine is needed for any of this.
+"""
+
+import argparse
+import json
+import types
+from typing import Any
+
+import pytest
+
+from vllm_std.config import ADDITIONAL_CONFIG_KEY, METHOD, STDConfig, STDConfigError
+from vllm_std.patches import speculative_config_type
+
+
+def fake_vllm_config(additional_config: dict[str, Any] | None, num_speculative_tokens: int) -> Any:
+    """The two attributes `STDConfig.from_vllm_config` reads, without building a real VllmConfig."""
+    return types.SimpleNamespace(
+        additional_config=additional_config,
+        speculative_config=types.SimpleNamespace(num_speculative_tokens=num_speculative_tokens),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- STDConfig
+
+
+def test_bare_std_gives_the_defaults() -> None:
+    """`--speculative-config std` is the documented shorthand for the paper's settings."""
+    cfg = STDConfig.parse("std")
+    assert cfg.method == METHOD == "std"
+    assert cfg.num_speculative_tokens == 6
+    assert cfg.top_k == 1024
+    assert cfg.modalities == ("video", "image")
+    assert cfg.min_visual_tokens == 1
+    assert STDConfig.parse({}) == cfg
+    assert STDConfig.parse({"method": "std"}) == cfg
+
+
+def test_valid_dict() -> None:
+    """Every field set, as a user would write it in JSON (lists, not tuples)."""
+    raw = {
+        "method": "std",
+        "num_speculative_tokens": 9,
+        "top_k": 256,
+        "modalities": ["video"],
+        "min_visual_tokens": 0,
+    }
+    cfg = STDConfig.parse(raw)
+    assert (cfg.num_speculative_tokens, cfg.top_k, cfg.modalities, cfg.min_visual_tokens) == (
+        9,
+        256,
+        ("video",),
+        0,
+    )
+
+
+@pytest.mark.parametrize("gamma", [1, 32])
+def test_gamma_bounds_are_inclusive(gamma: int) -> None:
+    """1 and 32 are the documented limits and both allowed."""
+    assert STDConfig.parse({"num_speculative_tokens": gamma}).num_speculative_tokens == gamma
+
+
+def test_config_is_frozen() -> None:
+    """The config is validated once; later mutation would bypass validation."""
+    cfg = STDConfig.parse("std")
+    with pytest.raises(Exception, match="frozen"):
+        cfg.top_k = 5  # type: ignore[misc]
+
+
+BAD_SETTINGS: list[tuple[Any, str]] = [
+    ({"method": "std", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "std", "num_speculative_tokens": -1}, "num_speculative_tokens"),
+    ({"method": "std", "num_speculative_tokens": 33}, "num_speculative_tokens"),
+    ({"method": "std", "num_speculative_tokens": "six"}, "num_speculative_tokens"),
+    ({"method": "std", "num_speculative_tokens": 2.5}, "num_speculative_tokens"),
+    ({"method": "std", "num_speculative_tokens": None}, "num_speculative_tokens"),
+    ({"method": "std", "num_speculative_tokens": True}, "num_speculative_tokens"),
+    ({"method": "std", "top_k": "1024"}, "top_k"),
+    ({"method": "std", "top_k": 0}, "top_k"),
+    ({"method": "std", "top_k": -5}, "top_k"),
+    ({"method": "std", "top_k": "big"}, "top_k"),
+    ({"method": "std", "num_draft_tokens": 6}, "num_draft_tokens"),
+    ({"method": "std", "topk": 1024}, "topk"),
+    ({"method": "std", "modalities": []}, "modalities"),
+    ({"method": "std", "modalities": ["audio"]}, "modalities"),
+    ({"method": "std", "modalities": "video"}, "modalities"),
+    ({"method": "std", "min_visual_tokens": -1}, "min_visual_tokens"),
+    ({"method": "eagle"}, "method"),
+    ([1, 2], "JSON object"),
+    (6, "JSON object"),
+    (None, "JSON object"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"), BAD_SETTINGS, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_SETTINGS)]
+)
+def test_bad_setting_raises_one_line_naming_the_field(raw: Any, field: str) -> None:
+    """Each bad value stops start-up with a single line that points at the field to fix."""
+    with pytest.raises(STDConfigError) as info:
+        STDConfig.parse(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    assert field in message
+    error = info.value
+    assert error.__cause__ is None
+    assert error.__context__ is None or error.__suppress_context__, "no chained multi-line pydantic report"
+
+
+def test_range_error_says_what_is_allowed() -> None:
+    """The message carries the allowed range, not just pydantic's complaint."""
+    with pytest.raises(STDConfigError, match="from 1 to 32") as info:
+        STDConfig.parse({"num_speculative_tokens": 33})
+    assert "33" in str(info.value)
+
+
+def test_unknown_field_lists_the_known_ones() -> None:
+    """A typo gets the list of real field names."""
+    with pytest.raises(STDConfigError) as info:
+        STDConfig.parse({"topk": 1})
+    message = str(info.value)
+    assert "unknown field 'topk'" in message
+    for name in ("num_speculative_tokens", "top_k", "modalities", "min_visual_tokens"):
+        assert name in message
+
+
+def test_std_config_error_is_a_value_error() -> None:
+    """Callers that catch ValueError (vLLM's config plumbing) still catch it."""
+    assert issubclass(STDConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "block_size", "blocks"), [(1024, 16, 64), (1000, 16, 63), (1, 128, 1), (129, 128, 2)]
+)
+def test_top_k_blocks_rounds_up(top_k: int, block_size: int, blocks: int) -> None:
+    """K visual tokens become whole KV blocks, rounded up so at least K tokens are kept."""
+    assert STDConfig.parse({"top_k": top_k}).top_k_blocks(block_size) == blocks
+
+
+def test_to_additional_config_excludes_method_and_gamma() -> None:
+    """Gamma travels in vLLM's own speculative config; only the STD-only fields go to additional_config."""
+    cfg = STDConfig.parse({"num_speculative_tokens": 8, "top_k": 512, "modalities": ["image"]})
+    extra = cfg.to_additional_config()
+    assert extra == {"top_k": 512, "modalities": ["image"], "min_visual_tokens": 1}
+    assert "method" not in extra and "num_speculative_tokens" not in extra
+    assert json.loads(json.dumps(extra)) == extra, "must be JSON-able: vLLM hashes and pickles it"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["std", {"num_speculative_tokens": 3, "top_k": 64, "modalities": ["video"], "min_visual_tokens": 0}],
+)
+def test_round_trip_through_vllm_config(raw: Any) -> None:
+    """What the API server stores is what the engine core and workers read back."""
+    cfg = STDConfig.parse(raw)
+    vllm_config = fake_vllm_config(
+        {"unrelated": {"x": 1}, ADDITIONAL_CONFIG_KEY: cfg.to_additional_config()}, cfg.num_speculative_tokens
+    )
+    assert STDConfig.from_vllm_config(vllm_config) == cfg
+
+
+@pytest.mark.parametrize("additional_config", [None, {}, {"unrelated": 1}])
+def test_from_vllm_config_without_std_fields_gives_defaults(additional_config: dict[str, Any] | None) -> None:
+    """Missing `additional_config["std"]` falls back to the defaults, with vLLM's gamma."""
+    cfg = STDConfig.from_vllm_config(fake_vllm_config(additional_config, 4))
+    assert cfg == STDConfig.parse({"num_speculative_tokens": 4})
+
+
+def test_from_vllm_config_does_not_mutate_additional_config() -> None:
+    """vLLM hashes additional_config; reading it must not add gamma into it."""
+    stored = {ADDITIONAL_CONFIG_KEY: {"top_k": 32}}
+    STDConfig.from_vllm_config(fake_vllm_config(stored, 5))
+    assert stored == {ADDITIONAL_CONFIG_KEY: {"top_k": 32}}
+
+
+def test_from_vllm_config_rejects_a_tampered_additional_config() -> None:
+    """Values are re-validated in every process, not trusted."""
+    with pytest.raises(STDConfigError, match="top_k"):
+        STDConfig.from_vllm_config(fake_vllm_config({ADDITIONAL_CONFIG_KEY: {"top_k": 0}}, 6))
+
+
+# --------------------------------------------------------------------------------- speculative_config_type
+
+
+@pytest.mark.parametrize("value", ["std", " std ", "std\n"])
+def test_argparse_bare_std(value: str) -> None:
+    """The bare word becomes vLLM's dict form."""
+    assert speculative_config_type(value) == {"method": "std"}
+
+
+def test_argparse_valid_std_json_is_returned_parsed() -> None:
+    """Validated but otherwise untouched: the engine-side patch does the translation."""
+    raw = {"method": "std", "num_speculative_tokens": 4, "top_k": 128}
+    assert speculative_config_type(json.dumps(raw)) == raw
+
+
+@pytest.mark.parametrize("value", ["{bad", "std,", "{'method': 'std'}", ""])
+def test_argparse_invalid_json_mentions_std(value: str) -> None:
+    """The error points to the two accepted forms, in one line."""
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        speculative_config_type(value)
+    message = str(info.value)
+    assert "std" in message
+    assert "JSON" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"method": "ngram", "num_speculative_tokens": 3},
+        {"method": "eagle", "model": "x", "num_speculative_tokens": 2, "top_k": 0},
+        {"num_speculative_tokens": 3},
+        [1, 2],
+    ],
+)
+def test_argparse_passes_other_methods_through_unchanged(raw: Any) -> None:
+    """Other methods are vLLM's business: STD must not validate or alter them."""
+    assert speculative_config_type(json.dumps(raw)) == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"method": "std", "top_k": 0}, "top_k"),
+        ({"method": "std", "num_speculative_tokens": 40}, "num_speculative_tokens"),
+        ({"method": "std", "extra": True}, "extra"),
+    ],
+)
+def test_argparse_bad_std_raises_argument_type_error(raw: dict[str, Any], field: str) -> None:
+    """argparse turns ArgumentTypeError into a usage error, so the STD message must be one line."""
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        speculative_config_type(json.dumps(raw))
+    message = str(info.value)
+    assert field in message
+    assert "\n" not in message
+
+
+def test_argparse_reports_the_std_message(capsys: pytest.CaptureFixture[str]) -> None:
+    """Wired into a real parser: exit status 2 and the STD message on stderr, as `vllm serve` would show."""
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    parser.add_argument("--speculative-config", type=speculative_config_type)
+    assert parser.parse_args(["--speculative-config", "std"]).speculative_config == {"method": "std"}
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--speculative-config", '{"method": "std", "top_k": 0}'])
+    assert info.value.code == 2
+    assert "speculative_config.top_k" in capsys.readouterr().err

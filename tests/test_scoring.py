@@ -1,0 +1,234 @@
+"""`vllm_std.scoring` against plain references: the block scores decide which visual blocks the drafter keeps.
+
+The library loops over KV heads to bound memory; the references here materialise the full attention
+(dense softmax with a causal mask, or explicit per-query loops) so a masking, grouping or averaging slip in
+the library shows up as a numeric mismatch.
+"""
+
+import math
+
+import pytest
+import torch
+
+from vllm_std.scoring import block_mass, key_attention_mass
+
+
+def random_qk(
+    num_queries: int, num_keys: int, num_heads: int, num_kv_heads: int, head_dim: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random `[Tq, H, D]` queries and `[Tk, Hkv, D]` keys, seeded so failures reproduce."""
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(num_queries, num_heads, head_dim, generator=gen)
+    key = torch.randn(num_keys, num_kv_heads, head_dim, generator=gen)
+    return query, key
+
+
+def dense_reference(
+    query: torch.Tensor, key: torch.Tensor, scale: float, query_positions: torch.Tensor, key_start: int
+) -> torch.Tensor:
+    """Full `[H, Tq, Tk]` causal softmax in float64, KV heads repeated for GQA: the obvious formula."""
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    q = query.double().transpose(0, 1)  # [H, Tq, D]
+    k = key.double().repeat_interleave(num_heads // num_kv_heads, dim=1).transpose(0, 1)  # [H, Tk, D]
+    logits = q @ k.transpose(1, 2) * scale  # [H, Tq, Tk]
+    key_positions = key_start + torch.arange(key.shape[0])
+    visible = key_positions[None, :] <= query_positions[:, None]  # [Tq, Tk]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return probs.sum(dim=0).mean(dim=0)
+
+
+def loop_reference(
+    query: torch.Tensor, key: torch.Tensor, scale: float, query_positions: list[int], key_start: int
+) -> list[float]:
+    """Per query and head, a hand-written softmax over the visible keys: independent of torch masking."""
+    num_queries, num_heads, _ = query.shape
+    num_keys, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    mass = [0.0] * num_keys
+    for i in range(num_queries):
+        visible = [j for j in range(num_keys) if key_start + j <= query_positions[i]]
+        for h in range(num_heads):
+            kv = h // group
+            logits = {j: float(query[i, h].double() @ key[j, kv].double()) * scale for j in visible}
+            top = max(logits.values())
+            exps = {j: math.exp(v - top) for j, v in logits.items()}
+            total = sum(exps.values())
+            for j, e in exps.items():
+                mass[j] += e / total
+    return [m / num_queries for m in mass]
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads"), [(4, 2), (4, 4), (4, 1), (6, 3)], ids=["gqa", "mha", "mqa", "gqa-6-3"]
+)
+@pytest.mark.parametrize("key_start", [0, 37])
+def test_matches_dense_reference(num_heads: int, num_kv_heads: int, key_start: int) -> None:
+    """GQA/MHA/MQA, causal queries spread over the keys, keys not starting at position 0."""
+    num_keys, head_dim = 24, 16
+    query, key = random_qk(9, num_keys, num_heads, num_kv_heads, head_dim, seed=num_heads + key_start)
+    # Queries at the first key, in the middle, at the last key and past it (text after the prompt's keys).
+    offsets = torch.tensor([0, 1, 5, 11, 12, 20, 23, 23, 30])
+    positions = key_start + offsets
+    scale = head_dim**-0.5
+    got = key_attention_mass(query, key, scale, positions, key_start)
+    want = dense_reference(query, key, scale, positions, key_start)
+    assert got.dtype == torch.float32 and got.shape == (num_keys,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_matches_loop_reference() -> None:
+    """Cross-checks against explicit loops, so the dense reference is not the only oracle."""
+    query, key = random_qk(5, 7, 4, 2, 8, seed=3)
+    positions = [12, 13, 15, 16, 20]
+    got = key_attention_mass(query, key, 0.5, torch.tensor(positions), key_start=10)
+    want = loop_reference(query, key, 0.5, positions, key_start=10)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_groups_query_heads_with_their_own_kv_head() -> None:
+    """Query heads 0-1 read KV head 0 and heads 2-3 KV head 1: contiguous groups, as vLLM lays them out."""
+    num_keys, head_dim = 4, 2
+    key = torch.zeros(num_keys, 2, head_dim)
+    key[0, 0, 0] = 10.0  # KV head 0 strongly prefers key 0
+    key[3, 1, 0] = 10.0  # KV head 1 strongly prefers key 3
+    query = torch.zeros(1, 4, head_dim)
+    query[0, :, 0] = 1.0
+    mass = key_attention_mass(query, key, 1.0, torch.tensor([3]), key_start=0)
+    # Heads 0,1 put ~all mass on key 0, heads 2,3 on key 3: interleaved grouping would mix them.
+    assert mass[0].item() == pytest.approx(2.0, abs=1e-3)
+    assert mass[3].item() == pytest.approx(2.0, abs=1e-3)
+    torch.testing.assert_close(mass, dense_reference(query, key, 1.0, torch.tensor([3]), 0).float())
+
+
+@pytest.mark.parametrize("key_start", [0, 7])
+def test_causal_mask_hides_later_keys(key_start: int) -> None:
+    """A query at an early position gives exactly zero mass to every key after it."""
+    num_keys = 10
+    query, key = random_qk(1, num_keys, 4, 2, 8, seed=1)
+    key = key * 5  # large logits: any leak through the mask would be visible
+    for offset in range(num_keys):
+        mass = key_attention_mass(query, key, 1.0, torch.tensor([key_start + offset]), key_start)
+        assert torch.all(mass[offset + 1 :] == 0), offset
+        assert torch.all(mass[: offset + 1] > 0), offset
+        assert mass.sum().item() == pytest.approx(4.0, rel=1e-5)
+
+
+def test_first_query_puts_all_mass_on_first_key() -> None:
+    """A query that sees only one key gives it the full softmax mass of every head."""
+    query, key = random_qk(1, 6, 4, 2, 8, seed=2)
+    mass = key_attention_mass(query, key, 1.0, torch.tensor([5]), key_start=5)
+    torch.testing.assert_close(mass, torch.tensor([4.0, 0, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (4, 4), (8, 1)])
+def test_total_mass_is_number_of_heads(num_heads: int, num_kv_heads: int) -> None:
+    """Each query's softmax sums to 1 per head; summed over heads and averaged over queries that is H."""
+    query, key = random_qk(13, 40, num_heads, num_kv_heads, 16, seed=5)
+    positions = torch.randint(3, 60, (13,), generator=torch.Generator().manual_seed(0))
+    mass = key_attention_mass(query, key, 0.25, positions, key_start=3)
+    assert mass.sum().item() == pytest.approx(num_heads, rel=1e-5)
+    assert torch.all(mass >= 0)
+
+
+def test_shifting_every_position_changes_nothing() -> None:
+    """Only relative positions matter: `key_start` and the query positions move together (chunked prefill)."""
+    query, key = random_qk(6, 16, 4, 2, 8, seed=4)
+    offsets = torch.tensor([2, 4, 8, 15, 15, 20])
+    base = key_attention_mass(query, key, 0.3, offsets, key_start=0)
+    shifted = key_attention_mass(query, key, 0.3, offsets + 1000, key_start=1000)
+    torch.testing.assert_close(base, shifted)
+
+
+def test_scale_zero_spreads_mass_uniformly_over_visible_keys() -> None:
+    """With zero logits every visible key gets 1/visible per head: checks `scale` and the mask together."""
+    query, key = random_qk(2, 4, 2, 1, 4, seed=6)
+    mass = key_attention_mass(query, key, 0.0, torch.tensor([1, 3]), key_start=0)
+    # Query at 1 sees keys 0-1 (1/2 each), query at 3 sees keys 0-3 (1/4 each); x2 heads, /2 queries.
+    torch.testing.assert_close(mass, torch.tensor([0.75, 0.75, 0.25, 0.25]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(dtype: torch.dtype) -> None:
+    """Half inputs give a float32 result equal to scoring their float32 upcast, even where half overflows."""
+    query, key = random_qk(5, 12, 4, 2, 64, seed=7)
+    # Logits around 300*300*64: far past float16's 65504, so a half-precision product would give inf/NaN.
+    query_h, key_h = (query * 300).to(dtype), (key * 300).to(dtype)
+    positions = torch.tensor([3, 5, 8, 11, 11])
+    got = key_attention_mass(query_h, key_h, 1.0, positions, key_start=0)
+    want = key_attention_mass(query_h.float(), key_h.float(), 1.0, positions, key_start=0)
+    assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        got.double(), dense_reference(query_h, key_h, 1.0, positions, 0), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_query_positions_of_another_integer_dtype() -> None:
+    """Positions arrive as int32 from vLLM's metadata; the comparison with int64 key positions must hold."""
+    query, key = random_qk(3, 8, 4, 2, 8, seed=8)
+    pos64 = torch.tensor([2, 5, 7])
+    got = key_attention_mass(query, key, 0.5, pos64.to(torch.int32), key_start=0)
+    torch.testing.assert_close(got, key_attention_mass(query, key, 0.5, pos64, key_start=0))
+
+
+def block_mass_reference(
+    key_mass: list[float], key_start: int, block_size: int, num_blocks: int
+) -> list[float]:
+    """Sums each key's mass into the block of its absolute position, one key at a time."""
+    out = [0.0] * num_blocks
+    for j, m in enumerate(key_mass):
+        out[(key_start + j) // block_size] += m
+    return out
+
+
+@pytest.mark.parametrize(
+    ("key_start", "num_keys", "block_size", "num_blocks"),
+    [(0, 16, 4, 4), (5, 10, 4, 4), (3, 1, 4, 1), (6, 9, 4, 4), (13, 20, 8, 5), (7, 7, 1, 14)],
+)
+def test_block_mass_sums_keys_into_their_blocks(
+    key_start: int, num_keys: int, block_size: int, num_blocks: int
+) -> None:
+    """Keys starting mid-block land in the block of their absolute position; earlier blocks stay zero."""
+    key_mass = torch.arange(1, num_keys + 1, dtype=torch.float32)
+    got = block_mass(key_mass, key_start, block_size, num_blocks)
+    want = block_mass_reference(key_mass.tolist(), key_start, block_size, num_blocks)
+    assert got.dtype == torch.float32 and got.shape == (num_blocks,)
+    torch.testing.assert_close(got, torch.tensor(want))
+    assert got.sum().item() == pytest.approx(key_mass.sum().item())
+
+
+def test_block_mass_mid_block_start_by_hand() -> None:
+    """Positions 5..14 with blocks of 4: block 0 empty, block 1 gets keys 5-7, block 2 8-11, block 3 12-14."""
+    got = block_mass(torch.ones(10), key_start=5, block_size=4, num_blocks=4)
+    torch.testing.assert_close(got, torch.tensor([0.0, 3.0, 4.0, 3.0]))
+
+
+def test_block_mass_accepts_half_precision_mass() -> None:
+    """The result is always float32, whatever the dtype of the per-key mass."""
+    got = block_mass(torch.ones(6, dtype=torch.float16), key_start=2, block_size=4, num_blocks=2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor([2.0, 4.0]))
+
+
+def test_block_mass_does_not_modify_its_input() -> None:
+    """`index_add_` works on a fresh tensor: the per-key mass can be reused after bucketing."""
+    key_mass = torch.rand(9)
+    before = key_mass.clone()
+    block_mass(key_mass, key_start=1, block_size=4, num_blocks=3)
+    assert torch.equal(key_mass, before)
+
+
+def test_scores_end_to_end_match_dense_blocks() -> None:
+    """key_attention_mass then block_mass equals block-summing the dense reference, for a chunked prompt."""
+    block_size, prompt_len, key_start = 4, 30, 0
+    query, key = random_qk(8, prompt_len, 4, 2, 8, seed=9)
+    positions = torch.arange(prompt_len - 8, prompt_len)  # the text after the video
+    num_blocks = -(-prompt_len // block_size)
+    got = block_mass(
+        key_attention_mass(query, key, 0.35, positions, key_start), key_start, block_size, num_blocks
+    )
+    dense = dense_reference(query, key, 0.35, positions, key_start)
+    want = block_mass_reference(dense.tolist(), key_start, block_size, num_blocks)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ from vllm import LLM
 
 ENGINE_ARGS = {
     "qwen2_vl": {"max_num_batched_tokens": 512},
+    "qwen2_5_vl": {"max_num_batched_tokens": 512},
     "llava_onevision": {"max_num_batched_tokens": 2048},
 }
 ALL_VISUAL = 100_000  # K larger than any prompt here: the drafter then reads every block
@@ -40,6 +41,7 @@ CASES = [
     pytest.param("qwen2_vl", "float32", 8, ALL_VISUAL, id="qwen2vl-f32-gamma8-Kall"),
     pytest.param("qwen2_vl", "float32", 1, 512, id="qwen2vl-f32-gamma1-K4blocks"),
     pytest.param("qwen2_vl", "bfloat16", 4, 256, id="qwen2vl-bf16-gamma4-K2blocks"),
+    pytest.param("qwen2_5_vl", "float32", 4, 256, id="qwen25vl-f32-gamma4-K2blocks"),
     pytest.param("llava_onevision", "float32", 4, 128, id="llavaov-f32-gamma4-K1block"),
     pytest.param("llava_onevision", "float32", 8, ALL_VISUAL, id="llavaov-f32-gamma8-Kall"),
     pytest.param("llava_onevision", "bfloat16", 8, 512, id="llavaov-bf16-gamma8-K4blocks"),

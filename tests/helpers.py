@@ -67,20 +67,6 @@ def token_ids(outputs: list[Any]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def spec_counters(llm: LLM) -> dict[str, Any]:
-    """vLLM's own spec-decode counters (the same ones `/metrics` exposes)."""
-    values: dict[str, Any] = {}
-    for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode_"):
-            key = metric.name.removeprefix("vllm:spec_decode_")
-            values[key] = getattr(metric, "values", None) or metric.value
-    return values
-
-
-def acceptance(counters: dict[str, Any]) -> float:
-    return counters["num_accepted_tokens"] / counters["num_draft_tokens"]
-
-
 def _report(worker: Any) -> dict[str, Any]:
     scorer = worker.model_runner.drafter.scorer
     return {

@@ -11,8 +11,10 @@ defaults otherwise (prefix caching on).
 import functools
 
 import pytest
-from helpers import GREEDY, acceptance, drafter_report, engine, mixed_requests, spec_counters, token_ids
+from helpers import GREEDY, drafter_report, engine, mixed_requests, token_ids
 from vllm import LLM
+
+from vllm_std.metrics import acceptance_rate, spec_decode_counters
 
 ENGINE_ARGS = {
     "qwen2_vl": {"max_num_batched_tokens": 512},
@@ -54,7 +56,7 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
     spec = {"method": "std", "num_speculative_tokens": gamma, "top_k": top_k}
     with engine(family, dtype, speculative_config=spec, **ENGINE_ARGS[family]) as llm:
         outputs = _run(llm, family)
-        counters = spec_counters(llm)
+        counters = spec_decode_counters(llm)
         report = drafter_report(llm)
 
     assert outputs == expected
@@ -71,7 +73,7 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
         assert kept_candidates == min(-(-top_k // 128), record["num_candidate_blocks"])
     if top_k == ALL_VISUAL:
         # The sparse drafter then computes the dense model's function.
-        assert acceptance(counters) >= 0.99
+        assert acceptance_rate(counters) >= 0.99
     elif top_k == 128:
         # One block of ~8: the selection really drops context and drafts get rejected.
-        assert acceptance(counters) < 0.9
+        assert acceptance_rate(counters) < 0.9

@@ -1,12 +1,13 @@
 """Preemption and aborted requests under STD: still lossless, and no per-request state left behind."""
 
 import pytest
-from helpers import drafter_report, engine, spec_counters, token_ids
+from helpers import drafter_report, engine, token_ids
 from vllm import LLM, SamplingParams
 
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import vllm_request
 from vllm_std.fixtures.video import synthetic_frames
+from vllm_std.metrics import spec_decode_counters
 
 # 20 KV blocks of 128 tokens for four ~1k-token video prompts that each grow past 9 blocks: vLLM must
 # preempt and recompute. Prefix caching off, so a recompute really re-runs (and re-scores) the prefill.
@@ -62,7 +63,7 @@ def test_preemption_is_lossless(baseline: dict) -> None:
     with engine("qwen2_vl", speculative_config=SPEC, **TIGHT) as llm:
         outputs = token_ids(llm.generate(_videos(path, 4), LONG))
         preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-        counters = spec_counters(llm)
+        counters = spec_decode_counters(llm)
         aborted = _abort_scenario(llm, path)
         llm.generate([vllm_request(path, "Tell me about the red car.")], SamplingParams(max_tokens=4))
         report = drafter_report(llm)

@@ -2,8 +2,8 @@
 
 Runs the same requests through vLLM twice, without speculation and with STD, in one process one engine at a
 time, and prints whether the outputs are identical, STD's acceptance (from vLLM's own counters) and the
-wall-time ratio. On the random-weight fixture attention is not sparse, so acceptance at small K is low: the
-demo shows the mechanics and the losslessness, not the paper's speedup.
+ratio of decode time per output token. On the random-weight fixture attention is not sparse, so acceptance
+at small K is low: the demo shows the mechanics and the losslessness, not the paper's speedup.
 """
 
 import argparse
@@ -15,6 +15,7 @@ from typing import Any
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import prompt_token_count, vllm_request
 from vllm_std.fixtures.video import synthetic_frames
+from vllm_std.metrics import acceptance_rate, spec_decode_counters
 
 
 def _run(
@@ -39,11 +40,7 @@ def _run(
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    counters = {
-        m.name.removeprefix("vllm:spec_decode_"): getattr(m, "values", None) or m.value
-        for m in llm.get_metrics()
-        if m.name.startswith("vllm:spec_decode_")
-    }
+    counters = spec_decode_counters(llm)
     del llm
     gc.collect()
     return {
@@ -92,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"first output: {std['outputs'][0].outputs[0].text[:120]!r}")
     print(f"outputs identical with and without STD: {all(identical)} ({sum(identical)}/{len(identical)})")
     if counters.get("num_draft_tokens"):
-        rate = counters["num_accepted_tokens"] / counters["num_draft_tokens"]
+        rate = acceptance_rate(counters)
         mean_len = 1 + counters["num_accepted_tokens"] / counters["num_drafts"]
         drafts = counters["num_draft_tokens"]
         print(f"acceptance: {rate:.1%} of {drafts:.0f} draft tokens; mean accepted length {mean_len:.2f}")

@@ -259,3 +259,24 @@ def test_compacted_view_matches_the_dense_kept_tokens(
         assert seq_len == dense_tokens_seen(logical, position, block_size)
         full_blocks = len(logical) - 1
         assert seq_len == full_blocks * block_size + position % block_size + 1
+
+
+@settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
+@given(prompts(), st.data())
+def test_kept_visual_tokens_are_the_visual_positions_of_the_kept_blocks(
+    prompt: tuple[int, int, list[tuple[int, int]]], data: st.DataObject
+) -> None:
+    """The figure behind `vllm:std_kept_visual_tokens_total`, counted position by position per layer."""
+    num_tokens, block_size, spans = prompt
+    visual = visual_mask(num_tokens, spans)
+    candidates = candidate_blocks(visual, block_size)
+    num_candidates = int(candidates.sum())
+    k = data.draw(st.integers(0, num_candidates + 2))
+    scores = torch.rand(2, candidates.shape[0])
+    kept = select_blocks(scores, candidates, k)
+    selection = RequestSelection(
+        kept, candidates.shape[0], int(visual.sum()), num_candidates, min(k, num_candidates)
+    )
+    for row in kept.tolist():
+        in_kept = torch.isin(torch.arange(num_tokens) // block_size, torch.tensor(row, dtype=torch.int64))
+        assert selection.num_kept_visual_tokens(block_size) == int((visual & in_kept).sum())

@@ -14,7 +14,7 @@ import pytest
 from helpers import GREEDY, drafter_report, engine, mixed_requests, token_ids
 from vllm import LLM
 
-from vllm_std.metrics import acceptance_rate, spec_decode_counters
+from vllm_std.metrics import acceptance_rate, spec_decode_counters, std_metrics
 
 ENGINE_ARGS = {
     "qwen2_vl": {"max_num_batched_tokens": 512},
@@ -57,6 +57,7 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
     with engine(family, dtype, speculative_config=spec, **ENGINE_ARGS[family]) as llm:
         outputs = _run(llm, family)
         counters = spec_decode_counters(llm)
+        std = std_metrics(llm)
         report = drafter_report(llm)
 
     assert outputs == expected
@@ -71,9 +72,26 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
             len(record["block_scores"][0]) - record["num_candidate_blocks"]
         )
         assert kept_candidates == min(-(-top_k // 128), record["num_candidate_blocks"])
+    # STD's own metrics, collected from the worker into the front end's registry, agree with its state.
+    assert std["requests_scored"] == len(report["history"])
+    assert std["requests_skipped"] == {
+        "no_visual_input": 1,
+        "too_few_visual_tokens": 0,
+        "visual_kv_from_prefix_cache": 1,
+        "incomplete_capture": 0,
+    }
+    assert (
+        std["kept_visual_tokens"]
+        <= std["visual_tokens"]
+        == sum(r["num_visual_tokens"] for r in report["history"])
+    )
+    assert std["kept_visual_fraction"][0] == len(report["history"])
+    assert std["draft_seconds"][0] > 0 and std["prefill_scoring_seconds"][1] > 0
     if top_k == ALL_VISUAL:
         # The sparse drafter then computes the dense model's function.
         assert acceptance_rate(counters) >= 0.99
+        assert std["kept_visual_tokens"] == std["visual_tokens"]
     elif top_k == 128:
         # One block of ~8: the selection really drops context and drafts get rejected.
         assert acceptance_rate(counters) < 0.9
+        assert std["kept_visual_tokens"] < std["visual_tokens"]

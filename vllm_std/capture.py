@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_std.config import STDConfig
+from vllm_std.metrics import SkipReason, STDMetrics
 from vllm_std.scoring import block_mass, key_attention_mass
 from vllm_std.selection import RequestSelection, candidate_blocks, select_blocks, visual_mask
 
@@ -44,6 +45,7 @@ class _PendingPrefill:
     queries: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
     query_positions: list[torch.Tensor] = dataclasses.field(default_factory=list)
     scores: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    scoring_seconds: float = 0.0
 
     @property
     def prompt_len(self) -> int:
@@ -73,16 +75,24 @@ class PrefillScorer:
 
     HISTORY = 256
 
-    def __init__(self, config: STDConfig, num_layers: int, block_size: int, scale: float) -> None:
+    def __init__(
+        self,
+        config: STDConfig,
+        num_layers: int,
+        block_size: int,
+        scale: float,
+        metrics: STDMetrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         self.num_layers = num_layers
         self.block_size = block_size
         self.scale = scale
         self.pending: dict[str, _PendingPrefill] = {}
         self.selections: dict[str, RequestSelection] = {}
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, SkipReason] = {}
         self.scoring_seconds = 0.0
-        self.skip_counts: collections.Counter[str] = collections.Counter()
+        self.skip_counts: collections.Counter[SkipReason] = collections.Counter()
         self.history: collections.deque[SelectionRecord] = collections.deque(maxlen=self.HISTORY)
         self._plan: list[tuple[BatchRow, _PendingPrefill]] = []
 
@@ -130,9 +140,11 @@ class PrefillScorer:
             state.query_positions.append(positions[positions >= state.text_start])
             self._plan.append((row, state))
 
-    def _skip(self, req_id: str, reason: str) -> None:
+    def _skip(self, req_id: str, reason: SkipReason) -> None:
         self.skipped[req_id] = reason
         self.skip_counts[reason] += 1
+        if self.metrics is not None:
+            self.metrics.request_skipped(reason)
 
     def _reset(self, state: _PendingPrefill, key_start: int) -> None:
         state.key_start = key_start
@@ -170,7 +182,9 @@ class PrefillScorer:
         mass = key_attention_mass(all_queries, all_keys, self.scale, positions, state.key_start)
         num_blocks = -(-state.prompt_len // self.block_size)
         state.scores[layer] = block_mass(mass, state.key_start, self.block_size, num_blocks).cpu()
-        self.scoring_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        state.scoring_seconds += elapsed
+        self.scoring_seconds += elapsed
 
     def _finish(self, req_id: str, state: _PendingPrefill) -> None:
         del self.pending[req_id]
@@ -191,3 +205,9 @@ class PrefillScorer:
         )
         self.selections[req_id] = selection
         self.history.append(SelectionRecord(req_id, scores, selection))
+        if self.metrics is not None:
+            self.metrics.request_scored(
+                selection.num_visual_tokens,
+                selection.num_kept_visual_tokens(self.block_size),
+                state.scoring_seconds,
+            )

@@ -15,7 +15,7 @@ from typing import Any
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import prompt_token_count, vllm_request
 from vllm_std.fixtures.video import synthetic_frames
-from vllm_std.metrics import acceptance_rate, spec_decode_counters
+from vllm_std.metrics import acceptance_rate, spec_decode_counters, std_metrics
 
 
 def _run(
@@ -41,12 +41,14 @@ def _run(
     outputs = llm.generate(requests, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     counters = spec_decode_counters(llm)
+    std = std_metrics(llm)
     del llm
     gc.collect()
     return {
         "outputs": outputs,
         "seconds": elapsed,
         "counters": counters,
+        "std": std,
         "tpot": _time_per_output_token(outputs),
     }
 
@@ -95,6 +97,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"acceptance: {rate:.1%} of {drafts:.0f} draft tokens; mean accepted length {mean_len:.2f}")
     else:
         print("acceptance: no drafts were made")
+    kept = std["std"]
+    if kept.get("visual_tokens"):
+        print(
+            f"drafter reads {kept['kept_visual_tokens']:.0f} of {kept['visual_tokens']:.0f} visual tokens "
+            f"per layer ({kept['kept_visual_tokens'] / kept['visual_tokens']:.1%}); "
+            f"{kept['requests_scored']:.0f} requests scored, skipped: {kept['requests_skipped']}"
+        )
     off_ms, std_ms = dense["tpot"] * 1e3, std["tpot"] * 1e3
     print(
         f"time per output token: {off_ms:.2f} ms without speculation, {std_ms:.2f} ms with STD "

@@ -1,8 +1,33 @@
-"""Reading vLLM's own spec-decode counters (the ones `/metrics` exposes) from an offline `LLM`."""
+"""STD's metrics on vLLM's `/metrics`, and a reader of vLLM's own spec-decode counters.
 
-from typing import Any
+What only STD knows (selections, skips, scoring and drafting time) lives in the worker process, while
+`/metrics` is served by the API server (or read by `LLM.get_metrics()` in the offline process). They meet
+the way vLLM's own multi-process metrics do: the worker writes prometheus_client's multiprocess files, and
+the front end's registry collects them. When vLLM itself runs in multiprocess mode (`--api-server-count > 1`
+sets `PROMETHEUS_MULTIPROC_DIR`) its registry already reads that directory and STD just writes there;
+otherwise the front end makes a private directory for each engine it builds and hands it to the worker
+through `VLLM_STD_METRICS_DIR`. Only tensor-parallel rank 0 writes, so nothing is counted twice.
+"""
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any, Literal, get_args
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "vllm:spec_decode_"
+METRICS_DIR_ENV = "VLLM_STD_METRICS_DIR"
+_VLLM_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+SkipReason = Literal[
+    "no_visual_input", "too_few_visual_tokens", "visual_kv_from_prefix_cache", "incomplete_capture"
+]
+"""Why a request decodes without drafts (the `reason` label of `vllm:std_requests_skipped_total`)."""
+SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 
 
 def spec_decode_counters(llm: Any) -> dict[str, Any]:
@@ -14,6 +39,140 @@ def spec_decode_counters(llm: Any) -> dict[str, Any]:
     }
 
 
+def std_metrics(llm: Any) -> dict[str, Any]:
+    """STD's own series from an offline `LLM`, by name without the `vllm:std_` prefix.
+
+    Counters give their value (`requests_skipped` a dict by reason), histograms `(count, sum)`.
+    """
+    out: dict[str, Any] = {"requests_skipped": {}}
+    for m in llm.get_metrics():
+        name = m.name.removeprefix("vllm:std_")
+        if name == m.name:
+            continue
+        if name == "requests_skipped":
+            out[name][m.labels["reason"]] = m.value
+        else:
+            out[name] = (m.count, m.sum) if hasattr(m, "buckets") else m.value
+    return out
+
+
 def acceptance_rate(counters: dict[str, Any]) -> float:
     """Accepted draft tokens over proposed draft tokens."""
     return counters["num_accepted_tokens"] / counters["num_draft_tokens"]
+
+
+class FrontendCollector:
+    """Makes the worker's STD metrics visible in this (front-end) process's default Prometheus registry."""
+
+    _current: "FrontendCollector | None" = None
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="vllm-std-metrics-")
+        self._collector = MultiProcessCollector(None, path=self._dir.name)
+
+    @classmethod
+    def install(cls) -> None:
+        """Called where the engine config is built, before vLLM starts the engine's processes.
+
+        Each engine gets a fresh directory, so a second `LLM` in one process does not inherit the first's
+        counts (vLLM resets its own metrics per engine the same way).
+        """
+        if os.environ.get(_VLLM_MULTIPROC_ENV):
+            return
+        if cls._current is not None:
+            REGISTRY.unregister(cls._current._collector)
+            cls._current._dir.cleanup()
+        cls._current = cls()
+        REGISTRY.register(cls._current._collector)
+        os.environ[METRICS_DIR_ENV] = cls._current._dir.name
+
+
+@contextlib.contextmanager
+def _multiprocess_values(directory: str) -> Iterator[None]:
+    """Creates metric values backed by files in `directory`, touching nothing outside this block.
+
+    prometheus_client picks file-backed values from a module global and the directory from the environment;
+    both are restored, so vLLM metrics created later in this process (which may be the front end itself)
+    stay in memory.
+    """
+    saved_class, saved_dir = prometheus_values.ValueClass, os.environ.get(_VLLM_MULTIPROC_ENV)
+    prometheus_values.ValueClass = prometheus_values.MultiProcessValue()
+    os.environ[_VLLM_MULTIPROC_ENV] = directory
+    try:
+        yield
+    finally:
+        prometheus_values.ValueClass = saved_class
+        if saved_dir is None:
+            del os.environ[_VLLM_MULTIPROC_ENV]
+        else:
+            os.environ[_VLLM_MULTIPROC_ENV] = saved_dir
+
+
+class STDMetrics:
+    """STD's counters and histograms, written by the drafting worker (vLLM's label names and values).
+
+    Every labelled child is created up front: children are file-backed only when created inside
+    `_multiprocess_values`, and a series that exists from the start reads 0 rather than missing.
+    """
+
+    def __init__(self, model_name: str, engine: int) -> None:
+        labels = {"model_name": model_name, "engine": str(engine)}
+        names = list(labels)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, names, registry=None).labels(**labels)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, names, registry=None, buckets=buckets).labels(**labels)
+
+        self.scored = counter(
+            "vllm:std_requests_scored", "Requests scored at prefill that draft with a top-K selection."
+        )
+        skipped = Counter(
+            "vllm:std_requests_skipped",
+            "Requests that decode without STD drafts, by reason.",
+            [*names, "reason"],
+            registry=None,
+        )
+        self.skipped = {reason: skipped.labels(**labels, reason=reason) for reason in SKIP_REASONS}
+        self.visual_tokens = counter("vllm:std_visual_tokens", "Visual tokens in scored requests.")
+        self.kept_visual_tokens = counter(
+            "vllm:std_kept_visual_tokens",
+            "Visual tokens each layer's drafter still reads, summed over scored requests.",
+        )
+        self.kept_fraction = histogram(
+            "vllm:std_kept_visual_fraction",
+            "Per scored request, the fraction of its visual tokens the drafter keeps.",
+            (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+        )
+        self.scoring_seconds = histogram(
+            "vllm:std_prefill_scoring_seconds",
+            "Per scored request, seconds spent computing block scores at prefill.",
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.draft_seconds = histogram(
+            "vllm:std_draft_seconds",
+            "Seconds per drafting round: the gamma sparse forwards of one step, for the whole batch.",
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+
+    @classmethod
+    def for_worker(cls, vllm_config: Any, tp_rank: int) -> "STDMetrics | None":
+        """The worker's metrics, or None where nothing should be written (ranks > 0, no collector)."""
+        directory = os.environ.get(_VLLM_MULTIPROC_ENV) or os.environ.get(METRICS_DIR_ENV)
+        if tp_rank != 0 or not directory or not os.path.isdir(directory):
+            return None
+        with _multiprocess_values(directory):
+            return cls(
+                vllm_config.model_config.served_model_name, vllm_config.parallel_config.data_parallel_rank
+            )
+
+    def request_scored(self, num_visual_tokens: int, num_kept_visual_tokens: int, seconds: float) -> None:
+        self.scored.inc()
+        self.visual_tokens.inc(num_visual_tokens)
+        self.kept_visual_tokens.inc(num_kept_visual_tokens)
+        self.kept_fraction.observe(num_kept_visual_tokens / num_visual_tokens)
+        self.scoring_seconds.observe(seconds)
+
+    def request_skipped(self, reason: SkipReason) -> None:
+        self.skipped[reason].inc()

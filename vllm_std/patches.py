@@ -6,7 +6,9 @@ The inventory, in the order it is applied:
    and validated by argparse, so a bad value stops `vllm serve` with one line before anything starts.
 2. `EngineArgsSpeculativeConfigPatch` (every process that builds an engine config): translates method
    "std" into vLLM's `custom_class` method and `additional_config["std"]`. Must run before vLLM's own
-   `SpeculativeConfig` validation, which rejects unknown methods and fields.
+   `SpeculativeConfig` validation, which rejects unknown methods and fields. It also gives the engine
+   about to start a metrics directory (`vllm_std.metrics.FrontendCollector`), since this runs in the
+   front-end process before the engine's processes exist.
 3. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
    the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
 
@@ -30,6 +32,7 @@ from vllm_std.config import (
     STDConfig,
     STDConfigError,
 )
+from vllm_std.metrics import FrontendCollector
 
 _APPLIED_MARK = "__vllm_std_patch__"
 
@@ -142,6 +145,7 @@ class EngineArgsSpeculativeConfigPatch(VLLMPatch):
             if raw == METHOD or (isinstance(raw, dict) and raw.get("method") == METHOD):
                 std = STDConfig.parse(raw)
                 check_target_model(target_model_config)
+                FrontendCollector.install()
                 self.additional_config = {
                     **(self.additional_config or {}),
                     ADDITIONAL_CONFIG_KEY: std.to_additional_config(),

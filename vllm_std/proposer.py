@@ -12,6 +12,7 @@ reads the cache through compacted block tables, never changing a block.
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from vllm_std.backends import adapter_for
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.capture import PrefillScorer
 from vllm_std.config import STDConfig
+from vllm_std.metrics import STDMetrics
 from vllm_std.patches import WORKER_PATCHES
 from vllm_std.runner_view import RunnerView
 from vllm_std.selection import RequestSelection, compacted_block_table, compacted_seq_len
@@ -53,6 +55,7 @@ class STDProposer:
         self.view: RunnerView | None = None
         self.adapter: AttentionAdapter | None = None
         self.scorer: PrefillScorer | None = None
+        self.metrics: STDMetrics | None = None
         self._drafting = False
 
     def load_model(self, target_model: Any) -> None:
@@ -67,10 +70,15 @@ class STDProposer:
         self.adapter = adapter_for(view.backend_name)
         for layer in view.layers:
             self.adapter.check_layer(layer.impl)
-        self.scorer = PrefillScorer(self.config, len(view.layers), view.block_size, view.layers[0].impl.scale)
+        self.metrics = STDMetrics.for_worker(self.vllm_config, view.tp_rank)
+        self.scorer = PrefillScorer(
+            self.config, len(view.layers), view.block_size, view.layers[0].impl.scale, self.metrics
+        )
         for index, layer in enumerate(view.layers):
             self._hook(layer.impl, index)
         self.view = view
+        if view.tp_rank != 0:
+            return
         logger.info(
             "STD on: gamma=%d top_k=%d (%d blocks of %d) modalities=%s min_visual_tokens=%d; %d layers, %s",
             self.config.num_speculative_tokens,
@@ -119,6 +127,7 @@ class STDProposer:
         if not requests:
             return drafts
         tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
+        start = time.perf_counter()
         self._drafting = True
         try:
             for step in range(max(r.num_drafts for r in requests)):
@@ -129,6 +138,8 @@ class STDProposer:
                 tokens[active] = next_tokens
         finally:
             self._drafting = False
+        if self.metrics is not None:
+            self.metrics.draft_seconds.observe(time.perf_counter() - start)
         return drafts
 
     def _draftable(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any) -> list[_DraftRequest]:

@@ -103,6 +103,13 @@ class RunnerView:
     def max_model_len(self) -> int:
         return self.runner.max_model_len
 
+    @property
+    def tp_rank(self) -> int:
+        """This worker's tensor-parallel rank: only rank 0 logs and writes metrics."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+
     # Running the model --------------------------------------------------------------------------------
 
     def draft_logits(

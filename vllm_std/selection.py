@@ -70,3 +70,8 @@ class RequestSelection:
     num_visual_tokens: int
     num_candidate_blocks: int
     num_kept_candidate_blocks: int
+
+    def num_kept_visual_tokens(self, block_size: int) -> int:
+        """Visual tokens each layer's drafter still reads: all but those in dropped (all-visual) blocks."""
+        dropped = self.num_candidate_blocks - self.num_kept_candidate_blocks
+        return self.num_visual_tokens - dropped * block_size

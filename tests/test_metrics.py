@@ -1,0 +1,95 @@
+"""STD's metrics cross the process boundary the way vLLM's multi-process metrics do (no engine needed).
+
+The worker side runs in a spawned process, as vLLM's engine core and workers are; the front end reads the
+default Prometheus registry, as `/metrics` and `LLM.get_metrics()` do. The end-to-end checks (offline and
+`/metrics` of a real server) are in test_std_lossless.py and test_server.py.
+"""
+
+import multiprocessing
+import os
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import REGISTRY, values
+
+from vllm_std.metrics import METRICS_DIR_ENV, SKIP_REASONS, FrontendCollector, STDMetrics
+
+LABELS = {"model_name": "tiny", "engine": "0"}
+
+
+def _worker(tp_rank: int) -> None:
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(served_model_name="tiny"),
+        parallel_config=SimpleNamespace(data_parallel_rank=0),
+    )
+    metrics = STDMetrics.for_worker(config, tp_rank)
+    if metrics is None:
+        return
+    metrics.request_scored(num_visual_tokens=1000, num_kept_visual_tokens=250, seconds=0.02)
+    metrics.request_scored(num_visual_tokens=500, num_kept_visual_tokens=500, seconds=0.01)
+    metrics.request_skipped("no_visual_input")
+    metrics.draft_seconds.observe(0.3)
+
+
+def _run_workers(*tp_ranks: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    for rank in tp_ranks:
+        process = context.Process(target=_worker, args=(rank,))
+        process.start()
+        process.join(60)
+        assert process.exitcode == 0
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {**LABELS, **labels})
+
+
+@pytest.fixture
+def collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    FrontendCollector.install()
+    monkeypatch.setenv(METRICS_DIR_ENV, os.environ[METRICS_DIR_ENV])  # restored after the test
+
+
+def test_worker_metrics_reach_the_front_end_registry(collector: None) -> None:
+    _run_workers(0, 1)  # rank 1 writes nothing: each value below is counted once
+
+    assert _sample("vllm:std_requests_scored_total") == 2
+    assert _sample("vllm:std_visual_tokens_total") == 1500
+    assert _sample("vllm:std_kept_visual_tokens_total") == 750
+    assert _sample("vllm:std_requests_skipped_total", reason="no_visual_input") == 1
+    for reason in SKIP_REASONS[1:]:
+        assert _sample("vllm:std_requests_skipped_total", reason=reason) == 0
+    assert _sample("vllm:std_kept_visual_fraction_count") == 2
+    assert _sample("vllm:std_kept_visual_fraction_sum") == pytest.approx(1.25)
+    assert _sample("vllm:std_kept_visual_fraction_bucket", le="0.3") == 1
+    assert _sample("vllm:std_prefill_scoring_seconds_sum") == pytest.approx(0.03)
+    assert _sample("vllm:std_draft_seconds_count") == 1
+
+
+def test_each_engine_starts_from_zero(collector: None) -> None:
+    _run_workers(0)
+    FrontendCollector.install()
+    assert _sample("vllm:std_requests_scored_total") is None
+    _run_workers(0)
+    assert _sample("vllm:std_requests_scored_total") == 2
+
+
+def test_vllm_multiprocess_mode_is_left_to_vllm(
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch, collector: None
+) -> None:
+    """With `PROMETHEUS_MULTIPROC_DIR` set (vLLM's --api-server-count > 1) the worker writes there."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    before = FrontendCollector._current
+    FrontendCollector.install()
+    assert FrontendCollector._current is before
+    _run_workers(0)
+    assert any(f.startswith("counter_") for f in os.listdir(tmp_path))
+    assert os.listdir(os.environ[METRICS_DIR_ENV]) == []
+
+
+def test_worker_leaves_prometheus_in_memory_mode(collector: None) -> None:
+    """Metrics created after STD's (vLLM's own, maybe in this very process) must stay in memory."""
+    _worker(0)
+    assert values.ValueClass is values.MutexValue
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ

@@ -144,7 +144,7 @@ class EngineArgsSpeculativeConfigPatch(VLLMPatch):
             raw = self.speculative_config
             if raw == METHOD or (isinstance(raw, dict) and raw.get("method") == METHOD):
                 std = STDConfig.parse(raw)
-                check_target_model(target_model_config)
+                check_engine(self, target_model_config)
                 FrontendCollector.install()
                 self.additional_config = {
                     **(self.additional_config or {}),
@@ -160,18 +160,40 @@ class EngineArgsSpeculativeConfigPatch(VLLMPatch):
         return create_speculative_config
 
 
-def check_target_model(model_config: Any) -> None:
-    """Start-up refusals that need only the model config (the rest happen when the worker binds)."""
+def check_engine(engine_args: Any, model_config: Any) -> None:
+    """Start-up refusals that the front end can decide, so `vllm serve` stops before loading anything.
+
+    The attention backend itself is only known in the worker (`vllm_std.backends.adapter_for` checks it
+    there); the platform check here refuses every platform without an adapter before that.
+    """
+    from vllm.platforms import current_platform
+
+    def refuse(what: str, fix: str) -> STDConfigError:
+        return STDConfigError(f"speculative_config.method 'std' does not support {what}: {fix}")
+
+    if not current_platform.is_cpu():
+        raise refuse(
+            f"the {current_platform.device_name} attention backends yet (only vLLM's CPU backend has an "
+            "adapter)",
+            "run without STD on this platform (see docs/compatibility.md)",
+        )
     if not model_config.is_multimodal_model:
-        raise STDConfigError(
-            f"speculative_config.method 'std' needs a model with video or image inputs; "
-            f"{model_config.model} has none: use another method (e.g. 'ngram') or no speculation"
+        raise refuse(
+            f"{model_config.model}, which has no video or image inputs",
+            "use another method (e.g. 'ngram') or no speculation",
         )
     if model_config.get_sliding_window() is not None:
-        raise STDConfigError(
-            f"speculative_config.method 'std' does not support sliding-window attention "
-            f"({model_config.model}): the sparse drafter's block views assume full attention"
+        raise refuse(
+            f"sliding-window attention ({model_config.model})",
+            "the drafter's block views assume full attention",
         )
+    for flag, present in (
+        ("--enable-lora", engine_args.enable_lora),
+        ("--kv-transfer-config", engine_args.kv_transfer_config is not None),
+        ("--pipeline-parallel-size > 1", engine_args.pipeline_parallel_size > 1),
+    ):
+        if present:
+            raise refuse(flag, f"remove {flag.split()[0]} or run without STD")
 
 
 class GPUModelRunnerKVCachePatch(VLLMPatch):

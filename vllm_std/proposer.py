@@ -66,7 +66,6 @@ class STDProposer:
         if self.view is not None:
             return
         view = RunnerView(runner, self.config)
-        view.check_features()
         self.adapter = adapter_for(view.backend_name)
         for layer in view.layers:
             self.adapter.check_layer(layer.impl)

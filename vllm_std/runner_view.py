@@ -41,21 +41,6 @@ class RunnerView:
         self.layers: list[Attention] = [forward_context[name] for name in self.layer_names]
         self.backend_name: str = self.attn_group.backend.get_name()
 
-    def check_features(self) -> None:
-        """Start-up refusals for engine features the sparse drafter cannot honour."""
-        vc = self.vllm_config
-        problems = {
-            "LoRA adapters (--enable-lora)": self.runner.lora_config is not None,
-            "KV transfer connectors (--kv-transfer-config)": vc.kv_transfer_config is not None,
-            "pipeline parallelism (--pipeline-parallel-size > 1)": vc.parallel_config.pipeline_parallel_size
-            > 1,
-        }
-        for feature, present in problems.items():
-            if present:
-                raise STDConfigError(
-                    f"speculative_config.method 'std' does not support {feature}; remove one"
-                )
-
     # Batch and requests -------------------------------------------------------------------------------
 
     def batch_rows(self) -> list[BatchRow]:

@@ -1,0 +1,53 @@
+"""Engine settings STD cannot honour are refused while vLLM builds its config: before any weight is loaded,
+offline with `STDConfigError`, and in `vllm serve` with one line on stderr."""
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+from vllm_std.config import STDConfigError
+
+REFUSED = [
+    pytest.param({"enable_lora": True}, "--enable-lora", id="lora"),
+    pytest.param({"pipeline_parallel_size": 2}, "--pipeline-parallel-size", id="pipeline-parallel"),
+    pytest.param(
+        {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+        "--kv-transfer-config",
+        id="kv-connector",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flags", "flag"), REFUSED)
+def test_engine_config_refuses(qwen2_vl_path: str, flags: dict[str, Any], flag: str) -> None:
+    args = EngineArgs(model=qwen2_vl_path, speculative_config={"method": "std"}, **flags)
+    with pytest.raises(STDConfigError) as info:
+        args.create_engine_config()
+    message = str(info.value)
+    assert flag in message and "\n" not in message
+
+
+def test_engine_config_accepts_the_same_engine_without_the_flag(qwen2_vl_path: str) -> None:
+    config = EngineArgs(model=qwen2_vl_path, speculative_config="std").create_engine_config()
+    assert config.speculative_config.method == "custom_class"
+    assert config.additional_config["std"]["top_k"] == 1024
+
+
+def test_serve_refusal_is_one_line(qwen2_vl_path: str) -> None:
+    exe = Path(sys.executable).with_name("vllm")
+    out = subprocess.run(
+        [exe, "serve", qwen2_vl_path, "--speculative-config", "std", "--enable-lora"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: speculative_config.method 'std' does not support --enable-lora: "
+        "remove --enable-lora or run without STD"
+    )
+    assert "Traceback" not in out.stderr

@@ -102,7 +102,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(
             f"drafter reads {kept['kept_visual_tokens']:.0f} of {kept['visual_tokens']:.0f} visual tokens "
             f"per layer ({kept['kept_visual_tokens'] / kept['visual_tokens']:.1%}); "
-            f"{kept['requests_scored']:.0f} requests scored, skipped: {kept['requests_skipped']}"
+            f"{kept['requests_scored']:.0f} requests scored; not drafted: "
+            f"{ {reason: n for reason, n in kept['requests_skipped'].items() if n} } (the warm-up is text)"
         )
     off_ms, std_ms = dense["tpot"] * 1e3, std["tpot"] * 1e3
     print(

@@ -1,8 +1,15 @@
 """Engines, requests and vLLM's own counters for the end-to-end tests."""
 
+import dataclasses
 import gc
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from vllm import LLM, SamplingParams
@@ -76,6 +83,7 @@ def _report(worker: Any) -> dict[str, Any]:
                 "block_scores": r.block_scores.tolist(),
                 "kept": r.selection.kept_prompt_blocks.tolist(),
                 "num_candidate_blocks": r.selection.num_candidate_blocks,
+                "num_visual_tokens": r.selection.num_visual_tokens,
             }
             for r in scorer.history
         ],
@@ -89,18 +97,28 @@ def drafter_report(llm: LLM) -> dict[str, Any]:
     return llm.collective_rpc(_report)[0]
 
 
-@contextmanager
-def served(model: str, *args: str, startup_timeout: float = 420.0) -> Iterator[tuple[str, list[str]]]:
-    """A real `vllm serve` on 127.0.0.1; yields its base URL and a list that fills with its log lines."""
-    import socket
-    import subprocess
-    import sys
-    import threading
-    import time
-    from pathlib import Path
+@dataclasses.dataclass
+class Server:
+    """A `vllm serve` process started by `served`: its base URL, its log lines (filled by a reader thread) and
+    the process; after `served` exits, `returncode` is its exit status and `killed` says whether it had to be
+    killed (it did not stop within a minute of SIGTERM). Unpacks as `(url, log)`."""
 
-    import requests
+    url: str
+    log: list[str]
+    proc: subprocess.Popen
+    reader: threading.Thread | None = None
+    killed: bool = False
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.url, self.log))
+
+
+def start_server(model: str, *args: str) -> Server:
+    """Starts `vllm serve MODEL ARGS` on a free port of 127.0.0.1; does not wait for it (`wait_healthy`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -117,25 +135,57 @@ def served(model: str, *args: str, startup_timeout: float = 420.0) -> Iterator[t
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("vllm serve exited during start-up:\n" + "".join(log[-40:]))
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("vllm serve did not become healthy:\n" + "".join(log[-40:]))
-            time.sleep(1)
-        yield url, log
-    finally:
-        proc.terminate()
+    return Server(f"http://127.0.0.1:{port}", log, proc, reader)
+
+
+def wait_healthy(server: Server, startup_timeout: float = 420.0) -> None:
+    """Polls `/health` until it answers 200; raises, with the log tail, if the process exits or times out."""
+    import requests
+
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError("vllm serve exited during start-up:\n" + "".join(server.log[-40:]))
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("vllm serve did not become healthy:\n" + "".join(server.log[-40:]))
+        time.sleep(1)
+
+
+def stop_server(server: Server, timeout: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds (recorded in `server.killed`)."""
+    if server.proc.poll() is None:
+        server.proc.terminate()
+    try:
+        server.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.killed = True
+        server.proc.kill()
+        server.proc.wait()
+    if server.reader is not None:
+        server.reader.join(timeout=10)  # the last log lines (a child could hold the pipe: do not hang)
+
+
+@contextmanager
+def served(model: str, *args: str, startup_timeout: float = 420.0) -> Iterator[Server]:
+    """A real `vllm serve` on 127.0.0.1; yields a `Server` (unpacks as `(url, log)`), stopped on exit."""
+    server = start_server(model, *args)
+    try:
+        wait_healthy(server, startup_timeout)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def serve_arg_parser() -> Any:
+    """`vllm serve`'s own argument parser, built as vLLM's CLI builds it. Building it loads the general
+    plugins, so STD's `--speculative-config` type is installed; `parse_args([model, *flags])` checks a
+    command line the way `vllm serve` does before it starts anything."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))

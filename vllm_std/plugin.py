@@ -11,13 +11,13 @@ ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None]
 def register() -> None:
     """Called by vLLM in every process (API server, engine core, workers): cheap and idempotent.
 
-    Only the engine-argument patches apply here; they touch `vllm.engine.arg_utils`, which vLLM has already
-    imported when it loads plugins. The worker patch is applied by `STDProposer` itself, so processes that
-    never run STD pay nothing.
+    The engine-argument patches and the CPU kernel fix apply here: vLLM has imported their targets when it
+    loads plugins, and a worker loads plugins just before it registers its CPU kernel fallbacks. The runner
+    patch is applied by `STDProposer` itself, so processes that never run STD pay nothing for it.
     """
-    from vllm_std.patches import ENGINE_PATCHES
+    from vllm_std.patches import PLUGIN_PATCHES
 
-    for patch in ENGINE_PATCHES:
+    for patch in PLUGIN_PATCHES:
         patch.apply()
     if not isinstance(sys.excepthook, _OneLineSTDErrors):
         sys.excepthook = _OneLineSTDErrors(sys.excepthook)

@@ -101,7 +101,7 @@ def drafter_report(llm: LLM) -> dict[str, Any]:
 class Server:
     """A `vllm serve` process started by `served`: its base URL, its log lines (filled by a reader thread) and
     the process; after `served` exits, `returncode` is its exit status and `killed` says whether it had to be
-    killed (it did not stop within a minute of SIGTERM). Unpacks as `(url, log)`."""
+    killed (it did not stop within a minute of SIGTERM)."""
 
     url: str
     log: list[str]
@@ -112,9 +112,6 @@ class Server:
     @property
     def returncode(self) -> int | None:
         return self.proc.returncode
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.url, self.log))
 
 
 def start_server(model: str, *args: str) -> Server:
@@ -168,17 +165,6 @@ def stop_server(server: Server, timeout: float = 60.0) -> None:
         server.proc.wait()
     if server.reader is not None:
         server.reader.join(timeout=10)  # the last log lines (a child could hold the pipe: do not hang)
-
-
-@contextmanager
-def served(model: str, *args: str, startup_timeout: float = 420.0) -> Iterator[Server]:
-    """A real `vllm serve` on 127.0.0.1; yields a `Server` (unpacks as `(url, log)`), stopped on exit."""
-    server = start_server(model, *args)
-    try:
-        wait_healthy(server, startup_timeout)
-        yield server
-    finally:
-        stop_server(server)
 
 
 def serve_arg_parser() -> Any:

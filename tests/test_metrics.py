@@ -7,6 +7,7 @@ default Prometheus registry, as `/metrics` and `LLM.get_metrics()` do. The end-t
 
 import multiprocessing
 import os
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -45,10 +46,21 @@ def _sample(name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture
-def collector(monkeypatch: pytest.MonkeyPatch) -> None:
+def collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A front-end collector of its own; the process's previous one (if any) is put back afterwards."""
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv(METRICS_DIR_ENV, "")
+    previous = FrontendCollector._current
+    if previous is not None:
+        REGISTRY.unregister(previous._collector)
+    FrontendCollector._current = None
     FrontendCollector.install()
-    monkeypatch.setenv(METRICS_DIR_ENV, os.environ[METRICS_DIR_ENV])  # restored after the test
+    yield
+    REGISTRY.unregister(FrontendCollector._current._collector)
+    FrontendCollector._current._dir.cleanup()
+    FrontendCollector._current = previous
+    if previous is not None:
+        REGISTRY.register(previous._collector)
 
 
 def test_worker_metrics_reach_the_front_end_registry(collector: None) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -110,26 +111,52 @@ def _expand_reference(values: list, cu: list[int], replace_from: int, replace_to
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
-def test_cpu_expand_kernel_patch_matches_the_triton_kernel(dtype: torch.dtype) -> None:
+CASES = [
+    pytest.param([0.7, 0.0, 2.0], [2, 5, 6], 7, torch.float32, id="float32"),  # temperatures
+    pytest.param([7, 0, 2], [2, 5, 6], 7, torch.int32, id="int32"),  # top-k, with a tail past cu[-1]
+    pytest.param([7, 0, 2], [1, 1, 4], 4, torch.int64, id="int64-empty-request"),
+    pytest.param([], [], 3, torch.float32, id="empty-batch"),
+]
+
+
+def _expand(kernel: Any, values: list, cu: list[int], size: int, dtype: torch.dtype) -> list:
+    output = torch.full((size,), -1, dtype=dtype)
+    kernel(output, torch.tensor(values, dtype=dtype), torch.tensor(cu, dtype=torch.int32), 0, 1)
+    return output.tolist()
+
+
+@pytest.mark.parametrize(("values", "cu", "size", "dtype"), CASES)
+def test_cpu_expand_kernel_patch_matches_the_triton_kernel(
+    values: list, cu: list[int], size: int, dtype: torch.dtype
+) -> None:
     patches.CPUExpandKernelPatch.apply()
     from vllm.utils import cpu_triton_utils
 
-    values, cu = [0.7, 0.0, 2.0], [2, 5, 6]
-    if dtype != torch.float32:
-        values = [7, 0, 2]
-    output = torch.full((6,), -1, dtype=dtype)
-    cpu_triton_utils._expand_kernel_impl(
-        output, torch.tensor(values, dtype=dtype), torch.tensor(cu, dtype=torch.int32), 0, 1
-    )
-    assert output.tolist() == pytest.approx(_expand_reference(values, cu, 0, 1))
+    want = _expand_reference(values, cu, 0, 1)
+    want += [-1] * (size - len(want))  # the kernel writes nothing past cu[-1]
+    assert _expand(cpu_triton_utils._expand_kernel_impl, values, cu, size, dtype) == pytest.approx(want)
 
 
-def test_cpu_expand_kernel_of_vllm_still_drops_float_outputs() -> None:
+def test_vllm_routes_the_expand_kernel_to_the_patch() -> None:
+    """A worker loads plugins, then registers vLLM's CPU kernel fallbacks: the patched function is used."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+    from vllm.v1.sample import rejection_sampler
+
+    if HAS_TRITON:
+        pytest.skip("Triton-CPU present: vLLM runs the Triton kernel itself, no fallback to patch")
+    patches.CPUExpandKernelPatch.apply()
+    current_platform.register_triton_kernel_overrides()
+    assert getattr(rejection_sampler.expand_kernel.func, "__vllm_std_patch__", False)
+
+
+@pytest.mark.parametrize(("values", "cu", "size", "dtype"), CASES[:2])
+def test_cpu_expand_kernel_of_vllm_is_still_wrong(
+    values: list, cu: list[int], size: int, dtype: torch.dtype
+) -> None:
     """Why `CPUExpandKernelPatch` exists; when vLLM fixes its kernel this fails: drop the patch then."""
     from vllm.utils import cpu_triton_utils
 
     original = inspect.unwrap(cpu_triton_utils._expand_kernel_impl)
-    output = torch.full((3,), -1.0)
-    original(output, torch.tensor([0.7, 2.0]), torch.tensor([2, 3]), 0, 0)
-    assert output.tolist() == [-1.0, -1.0, -1.0]
+    want = _expand_reference(values, cu, 0, 1) + [-1] * (size - cu[-1])
+    assert _expand(original, values, cu, size, dtype) != pytest.approx(want)

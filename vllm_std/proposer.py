@@ -76,8 +76,11 @@ class STDProposer:
         for index, layer in enumerate(view.layers):
             self._hook(layer.impl, index)
         self.view = view
-        if view.tp_rank != 0:
-            return
+        if view.tp_rank == 0:
+            self._log_settings(view)
+
+    def _log_settings(self, view: RunnerView) -> None:
+        """The one start-up line with the resolved settings (TP rank 0 only)."""
         logger.info(
             "STD on: gamma=%d top_k=%d (%d blocks of %d) modalities=%s min_visual_tokens=%d; %d layers, %s",
             self.config.num_speculative_tokens,

@@ -226,13 +226,19 @@ def _spec_stats(body: dict[str, Any]) -> dict[str, Any] | None:
     return (body.get("metrics") or {}).get("speculative_decoding")
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, flags=re.M))
+def _series(text: str, name: str, **labels: str) -> float:
+    """Sum of the series of `name` on a `/metrics` page whose labels include those given (0 if none)."""
+    total = 0.0
+    for found_labels, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, flags=re.M):
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', found_labels))
+        if all(pairs.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def _draft_tokens(server: Server) -> float:
     text = requests.get(f"{server.url}/metrics", timeout=10).text
-    return _metric(text, "vllm:spec_decode_num_draft_tokens_total")
+    return _series(text, "vllm:spec_decode_num_draft_tokens_total")
 
 
 @contextmanager
@@ -577,11 +583,11 @@ def test_std_server_drafts_on_metrics(
     """vLLM's own spec-decode counters on `/metrics` show STD drafting (and some drafts accepted)."""
     both.chat(both.std, user(video_part(video_data_url(media_dir, 81)), text="Count the shapes."))
     metrics = requests.get(f"{std_server.url}/metrics", timeout=10).text
-    assert _metric(metrics, "vllm:spec_decode_num_drafts_total") > 0
-    assert _metric(metrics, "vllm:spec_decode_num_draft_tokens_total") > 0
-    assert _metric(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
+    assert _series(metrics, "vllm:spec_decode_num_drafts_total") > 0
+    assert _series(metrics, "vllm:spec_decode_num_draft_tokens_total") > 0
+    assert _series(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
     plain = requests.get(f"{plain_server.url}/metrics", timeout=10).text
-    assert _metric(plain, "vllm:spec_decode_num_drafts_total") == 0
+    assert _series(plain, "vllm:spec_decode_num_drafts_total") == 0
     # One start-up line states the resolved settings; nothing of STD's is logged per step or per request.
     assert sum("STD on:" in line for line in std_server.log) == 1
     assert any(f"STD on: gamma={GAMMA} top_k=256 (2 blocks of 128)" in line for line in std_server.log)
@@ -589,16 +595,6 @@ def test_std_server_drafts_on_metrics(
 
 
 # --- STD's own metrics --------------------------------------------------------------------------------
-
-
-def _series(text: str, name: str, **labels: str) -> float:
-    """The value of one series on a `/metrics` page (0 when absent), matched on the labels given."""
-    total = 0.0
-    for found_labels, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, flags=re.M):
-        pairs = dict(re.findall(r'(\w+)="([^"]*)"', found_labels))
-        if all(pairs.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_std_metrics_count_what_std_did(

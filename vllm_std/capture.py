@@ -91,7 +91,6 @@ class PrefillScorer:
         self.pending: dict[str, _PendingPrefill] = {}
         self.selections: dict[str, RequestSelection] = {}
         self.skipped: dict[str, SkipReason] = {}
-        self.scoring_seconds = 0.0
         self.skip_counts: collections.Counter[SkipReason] = collections.Counter()
         self.history: collections.deque[SelectionRecord] = collections.deque(maxlen=self.HISTORY)
         self._plan: list[tuple[BatchRow, _PendingPrefill]] = []
@@ -182,9 +181,7 @@ class PrefillScorer:
         mass = key_attention_mass(all_queries, all_keys, self.scale, positions, state.key_start)
         num_blocks = -(-state.prompt_len // self.block_size)
         state.scores[layer] = block_mass(mass, state.key_start, self.block_size, num_blocks).cpu()
-        elapsed = time.perf_counter() - start
-        state.scoring_seconds += elapsed
-        self.scoring_seconds += elapsed
+        state.scoring_seconds += time.perf_counter() - start
 
     def _finish(self, req_id: str, state: _PendingPrefill) -> None:
         del self.pending[req_id]

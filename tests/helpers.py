@@ -12,11 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import synthetic_image, vllm_request
 from vllm_std.fixtures.video import synthetic_frames
+from vllm_std.selection import candidate_blocks, visual_mask
+
+BLOCK_SIZE = 128  # vLLM's CPU default KV block size
 
 # Frames per test video: about 1k visual tokens (8 KV blocks of 128) on either fixture family.
 VIDEO_FRAMES = {"qwen2_vl": 32, "qwen2_5_vl": 32, "llava_onevision": 64}
@@ -92,9 +97,15 @@ def _report(worker: Any) -> dict[str, Any]:
     }
 
 
+def drafter_reports(llm: LLM) -> list[dict[str, Any]]:
+    """What the STD drafter of each worker (TP rank order) knows: recent selections, skip reasons, live
+    state."""
+    return llm.collective_rpc(_report)
+
+
 def drafter_report(llm: LLM) -> dict[str, Any]:
-    """What the STD drafter in the (single) worker knows: recent selections, skip reasons, live state."""
-    return llm.collective_rpc(_report)[0]
+    """The drafter report of TP rank 0 (the only worker without tensor parallelism)."""
+    return drafter_reports(llm)[0]
 
 
 @dataclasses.dataclass
@@ -175,3 +186,31 @@ def serve_arg_parser() -> Any:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
+def eager_block_scores(
+    path: str, request: dict, heads: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer block scores from transformers' eager attention, and the candidate-block mask. `heads`
+    restricts the sum to some query heads: those a tensor-parallel rank serves."""
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    frames, metadata = request["multi_modal_data"]["video"]
+    inputs = processor(
+        text=[request["prompt"]], videos=[frames], video_metadata=[metadata], return_tensors="pt"
+    )
+    ids = inputs["input_ids"][0]
+    is_visual = ids == processor.video_token_id
+    text_start = int(is_visual.nonzero().max()) + 1
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    num_blocks = -(-ids.shape[0] // BLOCK_SIZE)
+    blocks = torch.arange(ids.shape[0]) // BLOCK_SIZE
+    scores = []
+    for probs in attentions:  # [1, H, T, T]
+        mass = probs[0, heads, text_start:, :].sum(dim=0).mean(dim=0)  # sum heads, mean text queries -> [T]
+        scores.append(torch.zeros(num_blocks).index_add_(0, blocks, mass))
+    spans = [(int(is_visual.nonzero().min()), int(is_visual.sum()))]
+    return torch.stack(scores), candidate_blocks(visual_mask(ids.shape[0], spans), BLOCK_SIZE)

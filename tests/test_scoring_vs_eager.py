@@ -11,42 +11,15 @@ two models themselves differ there (seen with 32 frames of 224x224; not an STD m
 
 import pytest
 import torch
-from helpers import drafter_report, engine
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from helpers import BLOCK_SIZE, drafter_report, eager_block_scores, engine
 from vllm import SamplingParams
 
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import vllm_request
 from vllm_std.fixtures.video import synthetic_frames
-from vllm_std.selection import candidate_blocks, select_blocks, visual_mask
+from vllm_std.selection import select_blocks
 
-BLOCK_SIZE = 128  # vLLM's CPU default
 TOP_K = 256
-
-
-def eager_block_scores(path: str, request: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer block scores from transformers' eager attention, and the candidate-block mask."""
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
-    )
-    processor = AutoProcessor.from_pretrained(path)
-    frames, metadata = request["multi_modal_data"]["video"]
-    inputs = processor(
-        text=[request["prompt"]], videos=[frames], video_metadata=[metadata], return_tensors="pt"
-    )
-    ids = inputs["input_ids"][0]
-    is_visual = ids == processor.video_token_id
-    text_start = int(is_visual.nonzero().max()) + 1
-    with torch.no_grad():
-        attentions = model(**inputs, output_attentions=True).attentions
-    num_blocks = -(-ids.shape[0] // BLOCK_SIZE)
-    blocks = torch.arange(ids.shape[0]) // BLOCK_SIZE
-    scores = []
-    for probs in attentions:  # [1, H, T, T]
-        mass = probs[0, :, text_start:, :].sum(dim=0).mean(dim=0)  # sum heads, mean text queries -> [T]
-        scores.append(torch.zeros(num_blocks).index_add_(0, blocks, mass))
-    spans = [(int(is_visual.nonzero().min()), int(is_visual.sum()))]
-    return torch.stack(scores), candidate_blocks(visual_mask(ids.shape[0], spans), BLOCK_SIZE)
 
 
 @pytest.mark.parametrize("max_num_batched_tokens", [512, 4096], ids=["chunked-prefill", "one-chunk"])

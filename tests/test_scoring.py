@@ -2,13 +2,16 @@
 
 The library loops over KV heads to bound memory; the references here materialise the full attention
 (dense softmax with a causal mask, or explicit per-query loops) so a masking, grouping or averaging slip in
-the library shows up as a numeric mismatch.
+the library shows up as a numeric mismatch. Hypothesis repeats the reference comparisons over random shapes
+(GQA groups, key_start on and off block edges, queries past the last key).
 """
 
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_std.scoring import block_mass, key_attention_mass
 
@@ -74,6 +77,34 @@ def test_matches_dense_reference(num_heads: int, num_kv_heads: int, key_start: i
     got = key_attention_mass(query, key, scale, positions, key_start)
     want = dense_reference(query, key, scale, positions, key_start)
     assert got.dtype == torch.float32 and got.shape == (num_keys,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@st.composite
+def attention_inputs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, int]:
+    """(query, key, scale, query_positions, key_start): 1-3 KV heads of 1-3 query heads each; every query
+    sees at least the first key, some sit past the last one."""
+    num_kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    num_keys = draw(st.integers(1, 20))
+    key_start = draw(st.integers(0, 40))
+    offsets = draw(st.lists(st.integers(0, num_keys + 3), min_size=1, max_size=6))
+    head_dim = draw(st.sampled_from([1, 4, 8]))
+    seed = draw(st.integers(0, 2**16))
+    query, key = random_qk(len(offsets), num_keys, num_kv_heads * group, num_kv_heads, head_dim, seed)
+    scale = draw(st.floats(0.0, 1.0))
+    return query, key, scale, key_start + torch.tensor(offsets), key_start
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(attention_inputs())
+def test_matches_dense_reference_on_random_shapes(
+    inputs: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, int],
+) -> None:
+    """The parametrized comparison above, over random head counts, sizes, key offsets and query positions."""
+    query, key, scale, positions, key_start = inputs
+    got = key_attention_mass(query, key, scale, positions, key_start)
+    assert got.dtype == torch.float32 and got.shape == (key.shape[0],)
+    want = dense_reference(query, key, scale, positions, key_start)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -183,20 +214,26 @@ def block_mass_reference(
     return out
 
 
-@pytest.mark.parametrize(
-    ("key_start", "num_keys", "block_size", "num_blocks"),
-    [(0, 16, 4, 4), (5, 10, 4, 4), (3, 1, 4, 1), (6, 9, 4, 4), (13, 20, 8, 5), (7, 7, 1, 14)],
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    st.sampled_from([1, 3, 4, 16]),
+    st.integers(0, 40),
+    st.lists(st.floats(0.0, 4.0, width=32), min_size=1, max_size=40),
 )
-def test_block_mass_sums_keys_into_their_blocks(
-    key_start: int, num_keys: int, block_size: int, num_blocks: int
+def test_block_mass_sums_any_chunk_into_its_blocks(
+    block_size: int, key_start: int, mass: list[float]
 ) -> None:
-    """Keys starting mid-block land in the block of their absolute position; earlier blocks stay zero."""
-    key_mass = torch.arange(1, num_keys + 1, dtype=torch.float32)
+    """Keys from any `key_start` (on a block edge or mid-block) up to the prompt's end, as scoring passes
+    them: each lands in the block of its absolute position, earlier blocks stay zero, and no mass is lost."""
+    num_blocks = -(-(key_start + len(mass)) // block_size)
+    key_mass = torch.tensor(mass, dtype=torch.float32)
     got = block_mass(key_mass, key_start, block_size, num_blocks)
-    want = block_mass_reference(key_mass.tolist(), key_start, block_size, num_blocks)
     assert got.dtype == torch.float32 and got.shape == (num_blocks,)
-    torch.testing.assert_close(got, torch.tensor(want))
-    assert got.sum().item() == pytest.approx(key_mass.sum().item())
+    torch.testing.assert_close(
+        got, torch.tensor(block_mass_reference(mass, key_start, block_size, num_blocks))
+    )
+    assert not got[: key_start // block_size].any()
+    assert got.sum().item() == pytest.approx(math.fsum(mass), rel=1e-5, abs=1e-5)
 
 
 def test_block_mass_mid_block_start_by_hand() -> None:

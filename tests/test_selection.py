@@ -3,8 +3,12 @@
 A wrong selection never breaks correctness (the target verifies every draft) but silently costs acceptance:
 dropping a text block or keeping the wrong visual blocks. A wrong compacted table or sequence length makes
 the drafter attend to the wrong physical memory. Hand-written cases pin the semantics; hypothesis checks
-the invariants on random visual layouts, scores with ties, and k beyond the number of candidates.
+the invariants on random visual layouts (several spans, adjacent, on or off block edges, prompts shorter
+than a block), scores with frequent ties, k from 0 to past the number of blocks, and a decode tail of
+several blocks.
 """
+
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -20,7 +24,7 @@ from vllm_std.selection import (
     visual_mask,
 )
 
-MAX_EXAMPLES = 200
+MAX_EXAMPLES = 150
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -34,20 +38,6 @@ def candidate_reference(visual: list[bool], block_size: int) -> list[bool]:
         block = visual[b * block_size : (b + 1) * block_size]
         out.append(len(block) == block_size and all(block))
     return out
-
-
-def selection_reference(scores: list[float], candidates: list[bool], k: int) -> list[int]:
-    """Every non-candidate plus the k best candidates by (higher score, then lower index), ascending."""
-    cands = [b for b, c in enumerate(candidates) if c]
-    best = sorted(cands, key=lambda b: (-scores[b], b))[:k]
-    return sorted([b for b, c in enumerate(candidates) if not c] + best)
-
-
-def dense_tokens_seen(kept_logical: list[int], position: int, block_size: int) -> int:
-    """Tokens at positions <= `position` inside the kept logical blocks: what the drafter should attend to."""
-    return sum(
-        sum(1 for p in range(b * block_size, (b + 1) * block_size) if p <= position) for b in kept_logical
-    )
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -142,141 +132,163 @@ def test_request_selection_is_frozen() -> None:
         sel.num_prompt_blocks = 2  # type: ignore[misc]
 
 
-# --------------------------------------------------------------------------------------------- properties
+# --------------------------------------------------------------------------------------------- strategies
+
+
+class Prompt(NamedTuple):
+    """`num_tokens` positions in blocks of `block_size`, visual inside the `(offset, length)` spans."""
+
+    num_tokens: int
+    block_size: int
+    spans: list[tuple[int, int]]
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_tokens // self.block_size)
+
+    def visual(self) -> torch.Tensor:
+        return visual_mask(self.num_tokens, self.spans)
 
 
 @st.composite
-def prompts(draw: st.DrawFn) -> tuple[int, int, list[tuple[int, int]]]:
-    """(num_tokens, block_size, spans): spans may start or end mid-block, overlap, be empty or cover all."""
+def prompts(draw: st.DrawFn) -> Prompt:
+    """Text and one to four visual spans in order. Span boundaries are drawn on block edges or anywhere, so
+    spans start and end on edges and mid-block, touch (adjacent spans) or are empty; the text after the last
+    span is often empty or short, so prompts can end in a visual block or be shorter than one block."""
     block_size = draw(st.sampled_from([1, 2, 3, 4, 8, 16]))
-    num_tokens = draw(st.integers(1, 12 * block_size))
-    kind = draw(st.sampled_from(["random", "everything", "nothing", "block-aligned"]))
-    if kind == "everything":
-        spans = [(0, num_tokens)]
-    elif kind == "nothing":
-        spans = []
-    elif kind == "block-aligned":
-        num_blocks = -(-num_tokens // block_size)
-        first = draw(st.integers(0, num_blocks))
-        last = draw(st.integers(first, num_blocks))
-        spans = [(first * block_size, (last - first) * block_size)]
-    else:
-        spans = draw(
-            st.lists(
-                st.tuples(st.integers(0, num_tokens), st.integers(0, num_tokens)), min_size=1, max_size=4
-            )
-        )
-    return num_tokens, block_size, spans
+    on_edge = st.sampled_from(range(0, 8 * block_size + 1, block_size))
+    boundary = st.one_of(on_edge, st.integers(0, 8 * block_size))
+    num_spans = draw(st.integers(1, 4))
+    cuts = sorted(draw(st.lists(boundary, min_size=2 * num_spans, max_size=2 * num_spans)))
+    spans = [(start, end - start) for start, end in zip(cuts[::2], cuts[1::2], strict=True)]
+    text_after = draw(st.one_of(st.just(0), st.integers(0, 2 * block_size)))
+    return Prompt(max(1, cuts[-1] + text_after), block_size, spans)
 
 
-score_values = st.one_of(
-    st.integers(0, 3).map(float),  # few distinct values: plenty of ties
-    st.floats(0.0, 1.0, width=32),
-)
+class Case(NamedTuple):
+    """A prompt, per-layer block scores `[L, num_blocks]` and the number `k` of candidate blocks to keep."""
+
+    prompt: Prompt
+    scores: torch.Tensor
+    k: int
+
+
+# Few distinct values make ties common (also between a kept and a dropped candidate); floats the general case.
+tied_scores = st.integers(0, 2).map(float)
+any_scores = st.floats(0.0, 1.0, width=32)
 
 
 @st.composite
-def selections(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """(scores [L, nb], candidates [nb], k, num_tokens, block_size) from a random prompt layout."""
-    num_tokens, block_size, spans = draw(prompts())
-    candidates = candidate_blocks(visual_mask(num_tokens, spans), block_size)
-    num_blocks = candidates.shape[0]
+def cases(draw: st.DrawFn) -> Case:
+    """A prompt, 1-3 layers of scores, and k from 0 to past the number of candidate blocks."""
+    prompt = draw(prompts())
     num_layers = draw(st.integers(1, 3))
-    flat = draw(st.lists(score_values, min_size=num_layers * num_blocks, max_size=num_layers * num_blocks))
-    scores = torch.tensor(flat, dtype=torch.float32).view(num_layers, num_blocks)
-    k = draw(st.integers(0, num_blocks + 3))
-    return scores, candidates, k, num_tokens, block_size
+    size = num_layers * prompt.num_blocks
+    values = draw(st.sampled_from([tied_scores, any_scores]))
+    scores = torch.tensor(draw(st.lists(values, min_size=size, max_size=size)), dtype=torch.float32)
+    num_candidates = int(candidate_blocks(prompt.visual(), prompt.block_size).sum())
+    k = draw(st.sampled_from(range(num_candidates + 3)))  # uniform: st.integers would favour k = 0
+    return Case(prompt, scores.view(num_layers, prompt.num_blocks), k)
+
+
+def select(case: Case) -> torch.Tensor:
+    """The library's pipeline from a prompt layout to the kept prompt blocks `[L, m]`."""
+    candidates = candidate_blocks(case.prompt.visual(), case.prompt.block_size)
+    return select_blocks(case.scores, candidates, case.k)
+
+
+# --------------------------------------------------------------------------------------------- properties
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
 @given(prompts())
-def test_candidates_are_exactly_the_full_visual_blocks(
-    prompt: tuple[int, int, list[tuple[int, int]]],
-) -> None:
+def test_candidates_are_exactly_the_full_visual_blocks(prompt: Prompt) -> None:
     """Block-by-block reference; and no candidate ever holds a non-visual (text) position."""
-    num_tokens, block_size, spans = prompt
-    visual = visual_mask(num_tokens, spans)
-    cands = candidate_blocks(visual, block_size)
+    visual = prompt.visual()
+    cands = candidate_blocks(visual, prompt.block_size)
     assert cands.dtype == torch.bool
-    assert cands.tolist() == candidate_reference(visual.tolist(), block_size)
-    positions = torch.arange(num_tokens)
-    in_candidate = cands[positions // block_size]
+    assert cands.tolist() == candidate_reference(visual.tolist(), prompt.block_size)
+    in_candidate = cands[torch.arange(prompt.num_tokens) // prompt.block_size]
     assert not (in_candidate & ~visual).any()
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
-@given(selections())
-def test_select_blocks_invariants(case: tuple[torch.Tensor, torch.Tensor, int, int, int]) -> None:
-    """Every non-candidate, min(k, C) of the best candidates, ascending, ties to the lower index."""
-    scores, candidates, k, _, _ = case
-    kept = select_blocks(scores, candidates, k)
-    cand_list = candidates.tolist()
-    num_candidates = sum(cand_list)
-    non_candidates = {b for b, c in enumerate(cand_list) if not c}
-    want_kept = min(k, num_candidates)
+@given(cases())
+def test_select_blocks_keeps_every_text_block_and_the_best_candidates(case: Case) -> None:
+    """Per layer: every block holding a text position or not filled by the prompt, plus exactly min(k, C) of
+    the C candidates, none scoring below a dropped one, ties to the earlier block; ascending, no duplicates.
+    Together these determine the selection, so no separate reference is needed."""
+    prompt, scores, k = case
+    bs = prompt.block_size
+    visual = prompt.visual()
+    # Derived from the mask, not from candidate_blocks: the blocks whose text the drafter must see.
+    text = [p >= prompt.num_tokens or not visual[p] for p in range(prompt.num_blocks * bs)]
+    must_keep = {p // bs for p, is_text in enumerate(text) if is_text}
+    candidates = [b for b, c in enumerate(candidate_blocks(visual, bs).tolist()) if c]
+    want_chosen = min(k, len(candidates))
+    kept = select(case)
     assert kept.dtype == torch.int64
-    assert kept.shape == (scores.shape[0], len(non_candidates) + want_kept)
+    assert kept.shape == (scores.shape[0], prompt.num_blocks - len(candidates) + want_chosen)
     for layer, row in enumerate(kept.tolist()):
         layer_scores = scores[layer].tolist()
         assert row == sorted(set(row)), "ascending, no duplicates"
-        assert non_candidates <= set(row)
-        chosen = [b for b in row if cand_list[b]]
-        unchosen = [b for b, c in enumerate(cand_list) if c and b not in chosen]
-        assert len(chosen) == want_kept
+        assert set(row) <= set(range(prompt.num_blocks))
+        assert must_keep <= set(row), "a block with text (or a partial block) was dropped"
+        chosen = [b for b in candidates if b in row]
+        dropped = [b for b in candidates if b not in row]
+        assert len(chosen) == want_chosen
         for c in chosen:
-            for u in unchosen:
-                assert layer_scores[u] <= layer_scores[c], (u, c)
-                if layer_scores[u] == layer_scores[c]:
-                    assert u > c, f"tie between {u} and {c} must go to the earlier block"
-        assert row == selection_reference(layer_scores, cand_list, k)
+            for d in dropped:
+                assert layer_scores[d] <= layer_scores[c], (d, c)
+                if layer_scores[d] == layer_scores[c]:
+                    assert c < d, f"tie between {c} and {d} must go to the earlier block"
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
-@given(selections(), st.data())
-def test_compacted_view_matches_the_dense_kept_tokens(
-    case: tuple[torch.Tensor, torch.Tensor, int, int, int], data: st.DataObject
+@given(cases(), st.data())
+def test_compacted_view_reads_exactly_the_kept_positions_while_decoding(
+    case: Case, data: st.DataObject
 ) -> None:
-    """For any drafter position after the prompt: the table ends at the newest block and the sequence length
-    equals the number of dense tokens (positions <= position) inside the kept blocks."""
-    scores, candidates, k, num_tokens, block_size = case
-    kept = select_blocks(scores, candidates, k)
-    num_prompt_blocks = candidates.shape[0]
-    # The first draft writes the sampled token at position num_tokens; later ones go further.
-    position = data.draw(st.integers(num_tokens, num_tokens + 3 * block_size), label="position")
-    num_blocks = position // block_size + 1
-    physical = torch.randperm(num_blocks + 5, generator=torch.Generator().manual_seed(position))[:num_blocks]
-    physical = physical.to(torch.int32)
-
-    table = compacted_block_table(kept, num_prompt_blocks, num_blocks, physical)
-    m = kept.shape[1]
-    assert table.shape == (kept.shape[0], m + num_blocks - num_prompt_blocks)
-    assert torch.all(table[:, -1] == physical[num_blocks - 1])
-    seq_len = compacted_seq_len(table.shape[1], position, block_size)
-    for layer in range(kept.shape[0]):
-        logical = kept[layer].tolist() + list(range(num_prompt_blocks, num_blocks))
-        assert table[layer].tolist() == [int(physical[b]) for b in logical]
-        assert logical[-1] == position // block_size, "the newest token's block closes the view"
-        assert seq_len == dense_tokens_seen(logical, position, block_size)
-        full_blocks = len(logical) - 1
-        assert seq_len == full_blocks * block_size + position % block_size + 1
+    """Each draft step of a decode tail spanning several blocks, as the proposer builds it: the table is the
+    kept prompt blocks then every later block, and its first seq_len slots, read back through the physical
+    ids, hold exactly the positions up to the newest token outside dropped blocks, the newest one last."""
+    prompt, _, _ = case
+    bs = prompt.block_size
+    kept = select(case)
+    # The first draft writes at position num_tokens (the token sampled after the prompt), later ones further.
+    newest = prompt.num_tokens + data.draw(st.integers(0, 3 * bs), label="decoded tokens")
+    num_logical = newest // bs + 1
+    physical = data.draw(st.permutations(range(num_logical + 3)), label="physical ids")[:num_logical]
+    logical_of = {p: b for b, p in enumerate(physical)}
+    physical_ids = torch.tensor(physical, dtype=torch.int32)
+    for position in range(prompt.num_tokens, newest + 1):
+        num_blocks = position // bs + 1
+        table = compacted_block_table(kept, prompt.num_blocks, num_blocks, physical_ids)
+        seq_len = compacted_seq_len(table.shape[1], position, bs)
+        assert table.dtype == torch.int32
+        assert (table.shape[1] - 1) * bs < seq_len <= table.shape[1] * bs, "the last block holds the newest"
+        tail = list(range(prompt.num_blocks, num_blocks))
+        for layer, row in enumerate(table.tolist()):
+            kept_row = kept[layer].tolist()
+            assert row == [physical[b] for b in kept_row + tail]
+            # The kernel reads slots 0 .. seq_len-1 in table order; the query is the last one (the newest).
+            view = [logical_of[p] * bs + i for p in row for i in range(bs)][:seq_len]
+            assert view == [p for p in range(position + 1) if p >= prompt.num_tokens or p // bs in kept_row]
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
-@given(prompts(), st.data())
-def test_kept_visual_tokens_are_the_visual_positions_of_the_kept_blocks(
-    prompt: tuple[int, int, list[tuple[int, int]]], data: st.DataObject
-) -> None:
+@given(cases())
+def test_kept_visual_tokens_are_the_visual_positions_of_the_kept_blocks(case: Case) -> None:
     """The figure behind `vllm:std_kept_visual_tokens_total`, counted position by position per layer."""
-    num_tokens, block_size, spans = prompt
-    visual = visual_mask(num_tokens, spans)
-    candidates = candidate_blocks(visual, block_size)
-    num_candidates = int(candidates.sum())
-    k = data.draw(st.integers(0, num_candidates + 2))
-    scores = torch.rand(2, candidates.shape[0])
-    kept = select_blocks(scores, candidates, k)
+    prompt, _, k = case
+    visual = prompt.visual()
+    num_candidates = int(candidate_blocks(visual, prompt.block_size).sum())
+    kept = select(case)
     selection = RequestSelection(
-        kept, candidates.shape[0], int(visual.sum()), num_candidates, min(k, num_candidates)
+        kept, prompt.num_blocks, int(visual.sum()), num_candidates, min(k, num_candidates)
     )
-    for row in kept.tolist():
-        in_kept = torch.isin(torch.arange(num_tokens) // block_size, torch.tensor(row, dtype=torch.int64))
-        assert selection.num_kept_visual_tokens(block_size) == int((visual & in_kept).sum())
+    block_of = torch.arange(prompt.num_tokens) // prompt.block_size
+    for row in kept:
+        assert selection.num_kept_visual_tokens(prompt.block_size) == int(
+            (visual & torch.isin(block_of, row)).sum()
+        )

@@ -62,7 +62,7 @@ def engine(
         str(tiny_model(family)),
         dtype=dtype,
         max_model_len=kwargs.pop("max_model_len", 8192),
-        limit_mm_per_prompt={"video": 1, "image": 1},
+        limit_mm_per_prompt=kwargs.pop("limit_mm_per_prompt", {"video": 1, "image": 1}),
         speculative_config=speculative_config,
         seed=0,
         disable_log_stats=False,

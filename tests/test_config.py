@@ -69,61 +69,14 @@ def test_config_is_frozen() -> None:
         cfg.top_k = 5  # type: ignore[misc]
 
 
-BAD_SETTINGS: list[tuple[Any, str]] = [
-    ({"method": "std", "num_speculative_tokens": 0}, "num_speculative_tokens"),
-    ({"method": "std", "num_speculative_tokens": -1}, "num_speculative_tokens"),
-    ({"method": "std", "num_speculative_tokens": 33}, "num_speculative_tokens"),
-    ({"method": "std", "num_speculative_tokens": "six"}, "num_speculative_tokens"),
-    ({"method": "std", "num_speculative_tokens": 2.5}, "num_speculative_tokens"),
-    ({"method": "std", "num_speculative_tokens": None}, "num_speculative_tokens"),
-    ({"method": "std", "num_speculative_tokens": True}, "num_speculative_tokens"),
-    ({"method": "std", "top_k": "1024"}, "top_k"),
-    ({"method": "std", "top_k": 0}, "top_k"),
-    ({"method": "std", "top_k": -5}, "top_k"),
-    ({"method": "std", "top_k": "big"}, "top_k"),
-    ({"method": "std", "num_draft_tokens": 6}, "num_draft_tokens"),
-    ({"method": "std", "topk": 1024}, "topk"),
-    ({"method": "std", "modalities": []}, "modalities"),
-    ({"method": "std", "modalities": ["audio"]}, "modalities"),
-    ({"method": "std", "modalities": "video"}, "modalities"),
-    ({"method": "std", "min_visual_tokens": -1}, "min_visual_tokens"),
-    ({"method": "eagle"}, "method"),
-    ([1, 2], "JSON object"),
-    (6, "JSON object"),
-    (None, "JSON object"),
-]
-
-
-@pytest.mark.parametrize(
-    ("raw", "field"), BAD_SETTINGS, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_SETTINGS)]
-)
-def test_bad_setting_raises_one_line_naming_the_field(raw: Any, field: str) -> None:
-    """Each bad value stops start-up with a single line that points at the field to fix."""
+@pytest.mark.parametrize("raw", [[1, 2], 6, None, "STD"])
+def test_non_object_is_refused_in_one_line(raw: Any) -> None:
+    """Non-objects the offline `speculative_config=` may hold; dicts are tests/test_bad_config.py's."""
     with pytest.raises(STDConfigError) as info:
         STDConfig.parse(raw)
     message = str(info.value)
-    assert "\n" not in message
-    assert field in message
-    error = info.value
-    assert error.__cause__ is None
-    assert error.__context__ is None or error.__suppress_context__, "no chained multi-line pydantic report"
-
-
-def test_range_error_says_what_is_allowed() -> None:
-    """The message carries the allowed range, not just pydantic's complaint."""
-    with pytest.raises(STDConfigError, match="from 1 to 32") as info:
-        STDConfig.parse({"num_speculative_tokens": 33})
-    assert "33" in str(info.value)
-
-
-def test_unknown_field_lists_the_known_ones() -> None:
-    """A typo gets the list of real field names."""
-    with pytest.raises(STDConfigError) as info:
-        STDConfig.parse({"topk": 1})
-    message = str(info.value)
-    assert "unknown field 'topk'" in message
-    for name in ("num_speculative_tokens", "top_k", "modalities", "min_visual_tokens"):
-        assert name in message
+    assert "JSON object" in message and "\n" not in message
+    assert info.value.__cause__ is None
 
 
 def test_std_config_error_is_a_value_error() -> None:
@@ -219,31 +172,3 @@ def test_argparse_invalid_json_mentions_std(value: str) -> None:
 def test_argparse_passes_other_methods_through_unchanged(raw: Any) -> None:
     """Other methods are vLLM's business: STD must not validate or alter them."""
     assert speculative_config_type(json.dumps(raw)) == raw
-
-
-@pytest.mark.parametrize(
-    ("raw", "field"),
-    [
-        ({"method": "std", "top_k": 0}, "top_k"),
-        ({"method": "std", "num_speculative_tokens": 40}, "num_speculative_tokens"),
-        ({"method": "std", "extra": True}, "extra"),
-    ],
-)
-def test_argparse_bad_std_raises_argument_type_error(raw: dict[str, Any], field: str) -> None:
-    """argparse turns ArgumentTypeError into a usage error, so the STD message must be one line."""
-    with pytest.raises(argparse.ArgumentTypeError) as info:
-        speculative_config_type(json.dumps(raw))
-    message = str(info.value)
-    assert field in message
-    assert "\n" not in message
-
-
-def test_argparse_reports_the_std_message(capsys: pytest.CaptureFixture[str]) -> None:
-    """Wired into a real parser: exit status 2 and the STD message on stderr, as `vllm serve` would show."""
-    parser = argparse.ArgumentParser(prog="vllm serve")
-    parser.add_argument("--speculative-config", type=speculative_config_type)
-    assert parser.parse_args(["--speculative-config", "std"]).speculative_config == {"method": "std"}
-    with pytest.raises(SystemExit) as info:
-        parser.parse_args(["--speculative-config", '{"method": "std", "top_k": 0}'])
-    assert info.value.code == 2
-    assert "speculative_config.top_k" in capsys.readouterr().err

@@ -29,6 +29,8 @@ import pytest
 import yaml
 from helpers import serve_arg_parser
 
+from vllm_std.patches import refused_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DATA = Path(__file__).parent / "data"
@@ -275,13 +277,7 @@ def namespace_errors(ns: Any, gpus: int, pods: int) -> list[str]:
     if pods > 1 and ns.distributed_executor_backend != "ray":
         errors.append(f"{pods} pods need --distributed-executor-backend ray")
     # The engine-config refusals of docs/limits.md that a command line decides.
-    for flag, refused in (
-        ("--pipeline-parallel-size > 1", ns.pipeline_parallel_size > 1),
-        ("--enable-lora", ns.enable_lora),
-        ("--kv-transfer-config", ns.kv_transfer_config is not None),
-    ):
-        if refused:
-            errors.append(f"STD refuses {flag} at start-up")
+    errors += [f"STD refuses {flag} at start-up" for flag in refused_flags(ns)]
     return errors
 
 

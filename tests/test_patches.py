@@ -160,3 +160,27 @@ def test_cpu_expand_kernel_of_vllm_is_still_wrong(
     original = inspect.unwrap(cpu_triton_utils._expand_kernel_impl)
     want = _expand_reference(values, cu, 0, 1) + [-1] * (size - cu[-1])
     assert _expand(original, values, cu, size, dtype) != pytest.approx(want)
+
+
+def test_top_k_on_an_empty_verify_batch_through_vllm() -> None:
+    """A verify step in which no request has drafts reaches vLLM's top-k mask with no rows: it must pass
+    through (the patched function is the one vLLM's `apply_top_k_top_p` calls); other batches are masked as
+    before."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    patches.CPUTopKEmptyBatchPatch.apply()
+    empty = torch.empty(0, 8)
+    assert apply_top_k_top_p(empty, torch.empty(0, dtype=torch.int64), None).shape == (0, 8)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [4.0, 3.0, 2.0, 1.0]])
+    masked = apply_top_k_top_p(logits.clone(), torch.tensor([2, 4]), None)
+    assert masked[0].isinf().tolist() == [True, False, True, False]
+    assert not masked[1].isinf().any()
+
+
+def test_top_k_of_vllm_still_fails_on_an_empty_batch() -> None:
+    """Why `CPUTopKEmptyBatchPatch` exists; once vLLM handles empty batches this fails: drop the patch."""
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    original = inspect.unwrap(topk_topp_sampler.apply_top_k_only)
+    with pytest.raises(RuntimeError, match="numel"):
+        original(torch.empty(0, 8), torch.empty(0, dtype=torch.int64))

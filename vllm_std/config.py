@@ -6,6 +6,7 @@ vLLM validates anything, into vLLM's own `custom_class` method pointing at `STDP
 STD fields in `VllmConfig.additional_config["std"]`, which vLLM hashes and pickles to every process.
 """
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +20,11 @@ Modality = Literal["video", "image"]
 
 class STDConfigError(ValueError):
     """A bad STD setting, phrased as one line that names the field and what is allowed."""
+
+
+def unsupported(what: str, fix: str) -> STDConfigError:
+    """Refuses what STD cannot serve, in the form every start-up check shares: what, then the fix."""
+    return STDConfigError(f"speculative_config.method 'std' does not support {what}: {fix}")
 
 
 class STDConfig(BaseModel):
@@ -71,14 +77,26 @@ class STDConfig(BaseModel):
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "speculative_config"
-    allowed = _ALLOWED.get(field.split(".")[0], "")
     if first["type"] == "extra_forbidden":
-        known = ", ".join(sorted(STDConfig.model_fields))
-        return f"speculative_config: unknown field '{field}' for method 'std'; known fields: {known}"
+        known = sorted(STDConfig.model_fields)
+        close = difflib.get_close_matches(field, known, n=1)
+        fix = (
+            f"did you mean '{close[0]}'?"
+            if close
+            else "remove it (STD drafts with the target model itself and takes no draft-model settings)"
+        )
+        unknown = f"speculative_config: unknown field '{field}' for method 'std'"
+        return f"{unknown}; {fix}; known fields: {', '.join(known)}"
+    message = _MESSAGES.get(first["type"], first["msg"])
+    got = first.get("input")
+    got = list(got) if isinstance(got, tuple) else got
+    allowed = _ALLOWED.get(field.split(".")[0], "")
     hint = f"; allowed: {allowed}" if allowed else ""
-    return f"speculative_config.{field}: {first['msg']} (got {first.get('input')!r}){hint}"
+    return f"speculative_config.{field}: {message} (got {got!r}){hint}"
 
 
+# `modalities` arrives as a JSON list and is validated as the tuple it became: speak of lists.
+_MESSAGES = {"tuple_type": "Input should be a list", "too_short": "Input should not be empty"}
 _ALLOWED = {
     "num_speculative_tokens": "an integer from 1 to 32",
     "top_k": "an integer >= 1 (visual tokens kept per layer)",

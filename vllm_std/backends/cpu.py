@@ -11,15 +11,16 @@ from typing import Any
 
 import torch
 
-from vllm_std.config import STDConfigError
+from vllm_std.config import unsupported
 
 
 class CPUAttentionAdapter:
     def check_layer(self, impl: Any) -> None:
+        """The safety net behind the config-time checks (`vllm_std.patches.check_engine`)."""
         if getattr(impl, "sliding_window", -1) not in (-1, None):
-            raise STDConfigError("speculative_config.method 'std' does not support sliding-window attention")
+            raise unsupported("sliding-window attention", "pass --disable-sliding-window or run without STD")
         if getattr(impl, "alibi_slopes", None) is not None:
-            raise STDConfigError("speculative_config.method 'std' does not support ALiBi attention")
+            raise unsupported("ALiBi attention", "run without STD")
 
     def sparse_metadata(
         self, builder: Any, common: Any, block_tables: torch.Tensor, layer_names: list[str]

@@ -1,7 +1,9 @@
 """Engines, requests and vLLM's own counters for the end-to-end tests."""
 
+import base64
 import dataclasses
 import gc
+import re
 import socket
 import subprocess
 import sys
@@ -12,13 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import cv2
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import synthetic_image, vllm_request
-from vllm_std.fixtures.video import synthetic_frames
+from vllm_std.fixtures.video import synthetic_frames, write_mp4
 from vllm_std.selection import candidate_blocks, visual_mask
 
 BLOCK_SIZE = 128  # vLLM's CPU default KV block size
@@ -214,3 +217,101 @@ def eager_block_scores(
         scores.append(torch.zeros(num_blocks).index_add_(0, blocks, mass))
     spans = [(int(is_visual.nonzero().min()), int(is_visual.sum()))]
     return torch.stack(scores), candidate_blocks(visual_mask(ids.shape[0], spans), BLOCK_SIZE)
+
+
+# --- media and server logs for the OpenAI-server tests ----------------------------------------------
+
+# 32 frames of 224x224 at 2 fps: vLLM's video loader keeps all 32 frames (Qwen2-VL samples 2 fps), which
+# gives 16 * 8 * 8 = 1024 visual tokens, 8 KV blocks of which the drafter keeps 2 per layer.
+VIDEO_FRAMES, VIDEO_FPS = 32, 2.0
+# 896x896 images: 32 * 32 = 1024 visual tokens, sparse too.
+IMAGE_SIDE = 896
+
+
+def video_file(media_dir: Path, seed: int, frames: int = VIDEO_FRAMES) -> Path:
+    """An mp4 of `frames` synthetic 224x224 frames at VIDEO_FPS (written once per seed and length)."""
+    path = media_dir / f"video-{seed}-{frames}.mp4"
+    return (
+        path
+        if path.exists()
+        else write_mp4(synthetic_frames(frames, 224, 224, seed=seed), path, fps=VIDEO_FPS)
+    )
+
+
+def video_data_url(media_dir: Path, seed: int, frames: int = VIDEO_FRAMES) -> str:
+    data = base64.b64encode(video_file(media_dir, seed, frames).read_bytes()).decode()
+    return f"data:video/mp4;base64,{data}"
+
+
+def video_file_url(media_dir: Path, seed: int) -> str:
+    return video_file(media_dir, seed).resolve().as_uri()
+
+
+def image_data_url(seed: int, fmt: str = "png", side: int = IMAGE_SIDE) -> str:
+    rgb = synthetic_image(side, side, seed=seed)
+    ok, encoded = cv2.imencode(f".{fmt}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return f"data:image/{fmt};base64,{base64.b64encode(encoded.tobytes()).decode()}"
+
+
+def video_part(url: str) -> dict[str, Any]:
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def user(*parts: dict[str, Any], text: str = "What happens in the video?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def unexpected_tracebacks(log: list[str]) -> list[str]:
+    """Log lines saying "Traceback", less vLLM 0.32's own shutdown race.
+
+    That race: on SIGTERM, `AsyncLLM.shutdown` (vllm/v1/engine/async_llm.py:296-308) first shuts the engine
+    client down, whose clean-up cancels the output-socket task (vllm/v1/engine/core_client.py:532-545); the
+    task then queues an `EngineDeadError` (core_client.py:1221), and the output handler, unless it has
+    been cancelled first, logs it with a traceback ("AsyncLLM output_handler failed", async_llm.py:906). It
+    is a race between the event loop and the shutdown thread, nothing to do with STD; only that block, and
+    only after the shutdown was triggered, is left out.
+    """
+    text = "".join(log)
+    before, trigger, after = text.partition("[shutdown] API server: shutdown triggered")
+    race = re.compile(r"^.*\bERROR\b.*\[async_llm\.py:\d+\].*\n?", flags=re.M)
+    block = "".join(race.findall(after))
+    if "AsyncLLM output_handler failed" in block and "EngineDeadError" in block:
+        after = race.sub("", after)
+    return [line for line in (before + trigger + after).splitlines() if "Traceback" in line]
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the series of `name` on a `/metrics` page whose labels include those given (0 if none)."""
+    total = 0.0
+    for found_labels, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, flags=re.M):
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', found_labels))
+        if all(pairs.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@contextmanager
+def served(model: str, *server_args: list[str] | tuple[str, ...]) -> Iterator[list[Server]]:
+    """`vllm serve MODEL ARGS` for each ARGS, started together and healthy; after the block each must exit
+    by itself within a minute of SIGTERM, with status 0 and no traceback (vLLM's shutdown race aside)."""
+    started: list[Server] = []
+    try:
+        started = [start_server(model, *args) for args in server_args]
+        for server in started:
+            wait_healthy(server)
+        yield started
+    finally:
+        for server in started:
+            stop_server(server)
+    for server, args in zip(started, server_args, strict=True):
+        name, tail = " ".join(args), "".join(server.log[-30:])
+        assert not server.killed, f"server {name} did not exit within 60 s of SIGTERM:\n{tail}"
+        assert server.returncode == 0, f"server {name} exited with {server.returncode}:\n{tail}"
+        assert not unexpected_tracebacks(server.log), f"server {name} logged a traceback:\n" + "".join(
+            server.log
+        )

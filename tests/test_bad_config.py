@@ -27,7 +27,7 @@ GAMMA_FIELD = "speculative_config.num_speculative_tokens"
 GAMMA = "allowed: an integer from 1 to 32"
 TOP_K = "allowed: an integer >= 1 (visual tokens kept per layer)"
 MODALITIES = 'allowed: a non-empty list of "video" and/or "image"'
-KNOWN = "known fields: method, min_visual_tokens, modalities, num_speculative_tokens, top_k"
+KNOWN = "known fields: method, min_visual_tokens, modalities, num_speculative_tokens, selection, top_k"
 NOT_JSON = "use a JSON object or the bare 'std'"
 WITHOUT_STD = "run without STD"
 
@@ -85,6 +85,12 @@ ROWS = [
         "min-visual-negative", std(min_visual_tokens=-1), "min_visual_tokens", "allowed: an integer >= 0"
     ),
     bad_value("method-case", {"method": "STD"}, "speculative_config.method", 'allowed: "std"'),
+    bad_value(
+        "selection-unknown",
+        std(selection="top_k"),
+        "speculative_config.selection",
+        'allowed: "attention" (STD)',
+    ),
     # Unknown fields: a typo, and vLLM's draft-model fields, which STD has no use for.
     bad_value("typo-topk", std(topk=1024), "unknown field 'topk'", f"did you mean 'top_k'?; {KNOWN}"),
     bad_value(

@@ -46,14 +46,11 @@ def test_valid_dict() -> None:
         "top_k": 256,
         "modalities": ["video"],
         "min_visual_tokens": 0,
+        "selection": "streaming",
     }
     cfg = STDConfig.parse(raw)
-    assert (cfg.num_speculative_tokens, cfg.top_k, cfg.modalities, cfg.min_visual_tokens) == (
-        9,
-        256,
-        ("video",),
-        0,
-    )
+    got = (cfg.num_speculative_tokens, cfg.top_k, cfg.modalities, cfg.min_visual_tokens, cfg.selection)
+    assert got == (9, 256, ("video",), 0, "streaming")
 
 
 @pytest.mark.parametrize("gamma", [1, 32])
@@ -96,7 +93,7 @@ def test_to_additional_config_excludes_method_and_gamma() -> None:
     """Gamma travels in vLLM's own speculative config; only the STD-only fields go to additional_config."""
     cfg = STDConfig.parse({"num_speculative_tokens": 8, "top_k": 512, "modalities": ["image"]})
     extra = cfg.to_additional_config()
-    assert extra == {"top_k": 512, "modalities": ["image"], "min_visual_tokens": 1}
+    assert extra == {"top_k": 512, "modalities": ["image"], "min_visual_tokens": 1, "selection": "attention"}
     assert "method" not in extra and "num_speculative_tokens" not in extra
     assert json.loads(json.dumps(extra)) == extra, "must be JSON-able: vLLM hashes and pickles it"
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from vllm_std.selection import (
     RequestSelection,
+    baseline_scores,
     candidate_blocks,
     compacted_block_table,
     compacted_seq_len,
@@ -292,3 +293,22 @@ def test_kept_visual_tokens_are_the_visual_positions_of_the_kept_blocks(case: Ca
         assert selection.num_kept_visual_tokens(prompt.block_size) == int(
             (visual & torch.isin(block_of, row)).sum()
         )
+
+
+def test_streaming_baseline_keeps_the_most_recent_visual_blocks() -> None:
+    candidates = torch.tensor([False, True, True, True, True, False])
+    scores = baseline_scores("streaming", num_layers=2, num_blocks=6, seed=0)
+    assert select_blocks(scores, candidates, 2).tolist() == [[0, 3, 4, 5]] * 2
+
+
+def test_random_baseline_is_seeded_and_differs_per_layer() -> None:
+    candidates = torch.ones(64, dtype=torch.bool)
+    kept = select_blocks(baseline_scores("random", 4, 64, seed=7), candidates, 8)
+    assert torch.equal(kept, select_blocks(baseline_scores("random", 4, 64, seed=7), candidates, 8))
+    assert not torch.equal(kept, select_blocks(baseline_scores("random", 4, 64, seed=8), candidates, 8))
+    assert len({tuple(layer) for layer in kept.tolist()}) > 1
+
+
+def test_unknown_baseline_is_refused() -> None:
+    with pytest.raises(ValueError, match="attention"):
+        baseline_scores("attention", 1, 4, seed=0)

@@ -10,7 +10,6 @@ would not test the drafter.
 `std_server` (a `helpers.Server`: `.url`, `.log`) is the fixture for further tests against the STD server.
 """
 
-import base64
 import json
 import os
 import re
@@ -23,25 +22,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import cv2
 import openai
 import pytest
 import requests
-from helpers import Server, start_server, stop_server, wait_healthy
+from helpers import (
+    Server,
+    image_data_url,
+    image_part,
+    metric_sum,
+    served,
+    user,
+    video_data_url,
+    video_file,
+    video_file_url,
+    video_part,
+)
 from openai import OpenAI
 
 from vllm_std.fixtures.models import tiny_model
-from vllm_std.fixtures.prompts import synthetic_image
-from vllm_std.fixtures.video import synthetic_frames, write_mp4
 
 GAMMA = 4
 STD_SPEC = json.dumps({"method": "std", "num_speculative_tokens": GAMMA, "top_k": 256})
 MAX_TOKENS = 32
-# 32 frames of 224x224 at 2 fps: vLLM's video loader keeps all 32 frames (Qwen2-VL samples 2 fps), which
-# gives 16 * 8 * 8 = 1024 visual tokens, 8 KV blocks of which the drafter keeps 2 per layer.
-VIDEO_FRAMES, VIDEO_FPS = 32, 2.0
-# 896x896 images: 32 * 32 = 1024 visual tokens, sparse too.
-IMAGE_SIDE = 896
 # Logprob tolerance. A drafted token's logprob comes from vLLM's verify forward (a query of up to gamma + 1
 # tokens), the plain server's from a one-token decode step; the two may sum in a different order and differ
 # in the last float32 bits (relative 1e-7, about 1e-6 absolute on logprobs of magnitude ~10). Measured on the
@@ -59,59 +61,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("media")
 
 
-def video_file(media_dir: Path, seed: int) -> Path:
-    frames = synthetic_frames(VIDEO_FRAMES, 224, 224, seed=seed)
-    return write_mp4(frames, media_dir / f"video-{seed}.mp4", fps=VIDEO_FPS)
-
-
-def video_data_url(media_dir: Path, seed: int) -> str:
-    data = base64.b64encode(video_file(media_dir, seed).read_bytes()).decode()
-    return f"data:video/mp4;base64,{data}"
-
-
-def video_file_url(media_dir: Path, seed: int) -> str:
-    return video_file(media_dir, seed).resolve().as_uri()
-
-
-def image_data_url(seed: int, fmt: str = "png", side: int = IMAGE_SIDE) -> str:
-    rgb = synthetic_image(side, side, seed=seed)
-    ok, encoded = cv2.imencode(f".{fmt}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
-    return f"data:image/{fmt};base64,{base64.b64encode(encoded.tobytes()).decode()}"
-
-
-def video_part(url: str) -> dict[str, Any]:
-    return {"type": "video_url", "video_url": {"url": url}}
-
-
-def image_part(url: str) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def user(*parts: dict[str, Any], text: str = "What happens in the video?") -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
-
-
 # --- servers -----------------------------------------------------------------------------------------
-
-
-def _unexpected_tracebacks(log: list[str]) -> list[str]:
-    """Log lines saying "Traceback", less vLLM 0.32's own shutdown race.
-
-    That race: on SIGTERM, `AsyncLLM.shutdown` (vllm/v1/engine/async_llm.py:296-308) first shuts the engine
-    client down, whose clean-up cancels the output-socket task (vllm/v1/engine/core_client.py:532-545); the
-    task then queues an `EngineDeadError` (core_client.py:1221), and the output handler, unless it has
-    been cancelled first, logs it with a traceback ("AsyncLLM output_handler failed", async_llm.py:906). It
-    is a race between the event loop and the shutdown thread, nothing to do with STD; only that block, and
-    only after the shutdown was triggered, is left out.
-    """
-    text = "".join(log)
-    before, trigger, after = text.partition("[shutdown] API server: shutdown triggered")
-    race = re.compile(r"^.*\bERROR\b.*\[async_llm\.py:\d+\].*\n?", flags=re.M)
-    block = "".join(race.findall(after))
-    if "AsyncLLM output_handler failed" in block and "EngineDeadError" in block:
-        after = race.sub("", after)
-    return [line for line in (before + trigger + after).splitlines() if "Traceback" in line]
 
 
 @pytest.fixture(scope="module")
@@ -123,31 +73,9 @@ def servers(media_dir: Path) -> Any:
         *("--allowed-local-media-path", str(media_dir)),
         *("--limit-mm-per-prompt", json.dumps({"video": 1, "image": 1})),
     )
-    started: list[Server] = []
-    try:
-        started.append(start_server(model, *common))
-        started.append(
-            start_server(
-                model,
-                *common,
-                *("--speculative-config", STD_SPEC),
-                *("--per-request-spec-decode-metrics", "summary"),
-            )
-        )
-        for server in started:
-            wait_healthy(server)
-        yield tuple(started)
-    finally:
-        for server in started:
-            stop_server(server)
-    # Clean shutdown (only reached when the servers started and the tests ran).
-    for name, server in zip(("plain", "STD"), started, strict=True):
-        tail = "".join(server.log[-30:])
-        assert not server.killed, f"{name} server did not exit within 60 s of SIGTERM:\n{tail}"
-        assert server.returncode == 0, f"{name} server exited with {server.returncode}:\n{tail}"
-        assert not _unexpected_tracebacks(server.log), f"{name} server logged a traceback:\n" + "".join(
-            server.log
-        )
+    std = (*("--speculative-config", STD_SPEC), *("--per-request-spec-decode-metrics", "summary"))
+    with served(model, common, [*common, *std]) as pair:
+        yield tuple(pair)
 
 
 @pytest.fixture(scope="module")
@@ -226,19 +154,9 @@ def _spec_stats(body: dict[str, Any]) -> dict[str, Any] | None:
     return (body.get("metrics") or {}).get("speculative_decoding")
 
 
-def _series(text: str, name: str, **labels: str) -> float:
-    """Sum of the series of `name` on a `/metrics` page whose labels include those given (0 if none)."""
-    total = 0.0
-    for found_labels, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, flags=re.M):
-        pairs = dict(re.findall(r'(\w+)="([^"]*)"', found_labels))
-        if all(pairs.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def _draft_tokens(server: Server) -> float:
     text = requests.get(f"{server.url}/metrics", timeout=10).text
-    return _series(text, "vllm:spec_decode_num_draft_tokens_total")
+    return metric_sum(text, "vllm:spec_decode_num_draft_tokens_total")
 
 
 @contextmanager
@@ -583,11 +501,11 @@ def test_std_server_drafts_on_metrics(
     """vLLM's own spec-decode counters on `/metrics` show STD drafting (and some drafts accepted)."""
     both.chat(both.std, user(video_part(video_data_url(media_dir, 81)), text="Count the shapes."))
     metrics = requests.get(f"{std_server.url}/metrics", timeout=10).text
-    assert _series(metrics, "vllm:spec_decode_num_drafts_total") > 0
-    assert _series(metrics, "vllm:spec_decode_num_draft_tokens_total") > 0
-    assert _series(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
+    assert metric_sum(metrics, "vllm:spec_decode_num_drafts_total") > 0
+    assert metric_sum(metrics, "vllm:spec_decode_num_draft_tokens_total") > 0
+    assert metric_sum(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
     plain = requests.get(f"{plain_server.url}/metrics", timeout=10).text
-    assert _series(plain, "vllm:spec_decode_num_drafts_total") == 0
+    assert metric_sum(plain, "vllm:spec_decode_num_drafts_total") == 0
     # One start-up line states the resolved settings; nothing of STD's is logged per step or per request.
     assert sum("STD on:" in line for line in std_server.log) == 1
     assert any(f"STD on: gamma={GAMMA} top_k=256 (2 blocks of 128)" in line for line in std_server.log)
@@ -613,7 +531,7 @@ def test_std_metrics_count_what_std_did(
     after = requests.get(f"{std_server.url}/metrics", timeout=10).text
 
     def delta(name: str, **labels: str) -> float:
-        return _series(after, name, **labels) - _series(before, name, **labels)
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     assert delta("vllm:std_requests_scored_total") == 1
     assert delta("vllm:std_requests_skipped_total", reason="visual_kv_from_prefix_cache") == 1
@@ -629,7 +547,7 @@ def test_std_metrics_count_what_std_did(
     assert delta("vllm:std_draft_seconds_count") > 0
     # Labelled like vLLM's own series, and absent where STD is off.
     model = both.model
-    assert _series(after, "vllm:std_requests_scored_total", model_name=model, engine="0") >= 1
+    assert metric_sum(after, "vllm:std_requests_scored_total", model_name=model, engine="0") >= 1
     assert "vllm:std_" not in requests.get(f"{plain_server.url}/metrics", timeout=10).text
 
 

@@ -12,6 +12,7 @@ never seen by the wrapper; it is not drafted.
 import collections
 import dataclasses
 import time
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,13 @@ import torch
 from vllm_std.config import STDConfig
 from vllm_std.metrics import SkipReason, STDMetrics
 from vllm_std.scoring import block_mass, key_attention_mass
-from vllm_std.selection import RequestSelection, candidate_blocks, select_blocks, visual_mask
+from vllm_std.selection import (
+    RequestSelection,
+    baseline_scores,
+    candidate_blocks,
+    select_blocks,
+    visual_mask,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,10 +183,13 @@ class PrefillScorer:
         all_queries = torch.cat([*state.queries[layer], queries])
         state.keys[layer] = []
         state.queries[layer] = []
+        num_blocks = -(-state.prompt_len // self.block_size)
+        if self.config.selection != "attention":  # a baseline: `_finish` ranks blocks without attention
+            state.scores[layer] = torch.zeros(num_blocks)
+            return
         positions = torch.cat(state.query_positions)
         assert state.key_start is not None
         mass = key_attention_mass(all_queries, all_keys, self.scale, positions, state.key_start)
-        num_blocks = -(-state.prompt_len // self.block_size)
         state.scores[layer] = block_mass(mass, state.key_start, self.block_size, num_blocks).cpu()
         state.scoring_seconds += time.perf_counter() - start
 
@@ -190,6 +200,9 @@ class PrefillScorer:
             self._skip(req_id, "incomplete_capture")
             return
         candidates = candidate_blocks(state.visual, self.block_size)
+        if self.config.selection != "attention":
+            seed = zlib.crc32(req_id.encode())
+            scores = baseline_scores(self.config.selection, self.num_layers, candidates.shape[0], seed)
         k_blocks = self.config.top_k_blocks(self.block_size)
         kept = select_blocks(scores, candidates, k_blocks)
         num_candidates = int(candidates.sum())

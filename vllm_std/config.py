@@ -16,6 +16,7 @@ ADDITIONAL_CONFIG_KEY = "std"
 PROPOSER_CLASS = "vllm_std.proposer.STDProposer"
 
 Modality = Literal["video", "image"]
+Selection = Literal["attention", "streaming", "random"]
 
 
 class STDConfigError(ValueError):
@@ -41,6 +42,10 @@ class STDConfig(BaseModel):
     """Which multimodal items count as visual (their placeholder tokens are the candidates for dropping)."""
     min_visual_tokens: Annotated[int, Field(ge=0)] = 1
     """Requests with fewer visual tokens than this get no drafts (they decode as without speculation)."""
+    selection: Selection = "attention"
+    """How each layer's K visual blocks are chosen: "attention" is STD (the question's attention at prefill).
+    "streaming" (the K most recent visual blocks; attention sinks and text are always kept) and "random" are
+    baselines, so that a benchmark compares selection policies with everything else equal."""
 
     @field_validator("modalities", mode="before")
     @classmethod
@@ -103,4 +108,5 @@ _ALLOWED = {
     "modalities": 'a non-empty list of "video" and/or "image"',
     "min_visual_tokens": "an integer >= 0",
     "method": '"std"',
+    "selection": '"attention" (STD), or the baselines "streaming" and "random"',
 }

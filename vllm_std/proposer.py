@@ -82,11 +82,13 @@ class STDProposer:
     def _log_settings(self, view: RunnerView) -> None:
         """The one start-up line with the resolved settings (TP rank 0 only)."""
         logger.info(
-            "STD on: gamma=%d top_k=%d (%d blocks of %d) modalities=%s min_visual_tokens=%d; %d layers, %s",
+            "STD on: gamma=%d top_k=%d (%d blocks of %d) selection=%s modalities=%s min_visual_tokens=%d; "
+            "%d layers, %s",
             self.config.num_speculative_tokens,
             self.config.top_k,
             self.config.top_k_blocks(view.block_size),
             view.block_size,
+            self.config.selection,
             ",".join(self.config.modalities),
             self.config.min_visual_tokens,
             len(view.layers),

@@ -43,6 +43,17 @@ def select_blocks(block_scores: torch.Tensor, candidates: torch.Tensor, k_blocks
     return torch.sort(kept, dim=1).values
 
 
+def baseline_scores(policy: str, num_layers: int, num_blocks: int, seed: int) -> torch.Tensor:
+    """`[L, nb]` block scores of a baseline policy, for `select_blocks` in place of attention scores:
+    "streaming" ranks later blocks higher (the most recent visual blocks win), "random" draws them per layer
+    from a generator seeded by `seed` (the same on every tensor-parallel rank)."""
+    if policy == "streaming":
+        return torch.arange(num_blocks, dtype=torch.float32).expand(num_layers, -1)
+    if policy == "random":
+        return torch.rand(num_layers, num_blocks, generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"unknown baseline selection policy {policy!r}")
+
+
 def compacted_block_table(
     kept_prompt_blocks: torch.Tensor, num_prompt_blocks: int, num_blocks: int, physical: torch.Tensor
 ) -> torch.Tensor:

@@ -223,22 +223,22 @@ def eager_block_scores(
 
 # 32 frames of 224x224 at 2 fps: vLLM's video loader keeps all 32 frames (Qwen2-VL samples 2 fps), which
 # gives 16 * 8 * 8 = 1024 visual tokens, 8 KV blocks of which the drafter keeps 2 per layer.
-VIDEO_FRAMES, VIDEO_FPS = 32, 2.0
+MP4_FRAMES, MP4_FPS = 32, 2.0
 # 896x896 images: 32 * 32 = 1024 visual tokens, sparse too.
 IMAGE_SIDE = 896
 
 
-def video_file(media_dir: Path, seed: int, frames: int = VIDEO_FRAMES) -> Path:
-    """An mp4 of `frames` synthetic 224x224 frames at VIDEO_FPS (written once per seed and length)."""
+def video_file(media_dir: Path, seed: int, frames: int = MP4_FRAMES) -> Path:
+    """An mp4 of `frames` synthetic 224x224 frames at MP4_FPS (written once per seed and length)."""
     path = media_dir / f"video-{seed}-{frames}.mp4"
     return (
         path
         if path.exists()
-        else write_mp4(synthetic_frames(frames, 224, 224, seed=seed), path, fps=VIDEO_FPS)
+        else write_mp4(synthetic_frames(frames, 224, 224, seed=seed), path, fps=MP4_FPS)
     )
 
 
-def video_data_url(media_dir: Path, seed: int, frames: int = VIDEO_FRAMES) -> str:
+def video_data_url(media_dir: Path, seed: int, frames: int = MP4_FRAMES) -> str:
     data = base64.b64encode(video_file(media_dir, seed, frames).read_bytes()).decode()
     return f"data:video/mp4;base64,{data}"
 

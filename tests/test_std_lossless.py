@@ -95,3 +95,18 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
         # One block of ~8: the selection really drops context and drafts get rejected.
         assert acceptance_rate(counters) < 0.9
         assert std["kept_visual_tokens"] < std["visual_tokens"]
+
+
+@pytest.mark.parametrize("selection", ["streaming", "random"])
+def test_baseline_selections_are_lossless(selection: str) -> None:
+    """The benchmark's baseline policies change only which blocks the drafter reads, never the output."""
+    spec = {"method": "std", "num_speculative_tokens": 4, "top_k": 256, "selection": selection}
+    with engine("qwen2_vl", speculative_config=spec, **ENGINE_ARGS["qwen2_vl"]) as llm:
+        outputs = _run(llm, "qwen2_vl")
+        counters = spec_decode_counters(llm)
+        report = drafter_report(llm)
+    assert outputs == baseline("qwen2_vl", "float32")
+    assert counters["num_drafts"] > 0
+    assert len(report["history"]) == 4
+    for record in report["history"]:  # two of the ~8 visual blocks per layer, and no attention scoring
+        assert not any(any(layer) for layer in record["block_scores"])

@@ -1,0 +1,346 @@
+"""`vllm-std bench`: STD against no speculation, vLLM's ngram and baseline selections, on the same requests.
+
+Each method runs in its own offline engine over every workload (a number of visual tokens and a batch size);
+every workload's requests are the same for every method, with their own synthetic videos (so vLLM's prefix
+cache spares no prefill). Figures come from vLLM's own metrics (per-request time per output token, spec-decode
+counters) and STD's (drafting time), differenced around each workload. From them the run fits the cost model
+(`vllm_std.cost_model`): dense one-token steps from the runs without speculation, STD's draft and verify
+steps from its runs, and sets the model's predicted speedup beside each measured one. Outputs, in `--out`:
+`bench.json` (all figures and the environment), `bench.md` (a table shaped like the paper's Table 1) and
+PNG plots (`vllm_std.bench_report`).
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A speculative config under a readable label (`None`: no speculation)."""
+
+    label: str
+    kind: str  # "none", "std", "ngram", "streaming", "random"
+    gamma: int = 0
+    top_k: int = 0
+
+    def speculative_config(self) -> dict[str, Any] | None:
+        if self.kind == "none":
+            return None
+        if self.kind == "ngram":
+            return {"method": "ngram", "num_speculative_tokens": self.gamma, "prompt_lookup_max": 4}
+        selection = "attention" if self.kind == "std" else self.kind
+        return {
+            "method": "std",
+            "num_speculative_tokens": self.gamma,
+            "top_k": self.top_k,
+            "selection": selection,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    visual_tokens: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.visual_tokens // 1024}k x{self.batch}"
+            if self.visual_tokens >= 1024
+            else (f"{self.visual_tokens} x{self.batch}")
+        )
+
+
+def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Method]:
+    """Every method to run: STD over the gamma x K sweep; baselines at each gamma and the first K."""
+    out = [Method("none", "none")] if "none" in kinds else []
+    for gamma in gammas:
+        if "ngram" in kinds:
+            out.append(Method(f"ngram g{gamma}", "ngram", gamma))
+        for kind in ("std", "streaming", "random"):
+            if kind in kinds:
+                ks = top_ks if kind == "std" else top_ks[:1]
+                out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for k in ks]
+    return out
+
+
+# --- requests ------------------------------------------------------------------------------------------
+
+
+class SyntheticVideos:
+    """Questions about synthetic videos of about the requested number of visual tokens (the fixture's
+    processor decides the exact count; it is measured and reported)."""
+
+    def __init__(self, model: str, question: str, frame_side: int) -> None:
+        from vllm_std.fixtures.prompts import prompt_token_count, vllm_request
+        from vllm_std.fixtures.video import synthetic_frames
+
+        self.model, self.question, self.side = model, question, frame_side
+        self._request, self._frames = vllm_request, synthetic_frames
+        probe = [
+            prompt_token_count(
+                model, vllm_request(model, question, videos=[synthetic_frames(n, frame_side, frame_side)])
+            )
+            for n in (4, 8)
+        ]
+        self.tokens_per_frame = (probe[1] - probe[0]) / 4
+        self.text_tokens = probe[0] - 4 * self.tokens_per_frame
+
+    def frames_for(self, visual_tokens: int) -> int:
+        return max(2, 2 * round(visual_tokens / self.tokens_per_frame / 2))
+
+    def requests(self, workload: Workload, seed: int) -> list[dict[str, Any]]:
+        frames = self.frames_for(workload.visual_tokens)
+        return [
+            self._request(
+                self.model, self.question, videos=[self._frames(frames, self.side, self.side, seed=seed + i)]
+            )
+            for i in range(workload.batch)
+        ]
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+
+def snapshot(llm: Any) -> dict[str, Any]:
+    """vLLM's metrics summed over labels: counters as numbers, histograms (count, sum), vectors lists."""
+    out: dict[str, Any] = {}
+    for m in llm.get_metrics():
+        if hasattr(m, "buckets"):
+            count, total = out.get(m.name, (0, 0.0))
+            out[m.name] = (count + m.count, total + m.sum)
+        elif hasattr(m, "values"):
+            previous = out.get(m.name, [0] * len(m.values))
+            out[m.name] = [a + b for a, b in zip(previous, m.values, strict=True)]
+        else:
+            out[m.name] = out.get(m.name, 0) + m.value
+    return out
+
+
+def delta(after: dict[str, Any], before: dict[str, Any], name: str) -> Any:
+    a, b = after.get(name), before.get(name)
+    if a is None:
+        return None
+    if isinstance(a, tuple):
+        b = b or (0, 0.0)
+        return (a[0] - b[0], a[1] - b[1])
+    if isinstance(a, list):
+        b = b or [0] * len(a)
+        return [x - y for x, y in zip(a, b, strict=True)]
+    return a - (b or 0)
+
+
+def measure(llm: Any, requests: list[dict[str, Any]], output_len: int) -> dict[str, Any]:
+    """One workload on one engine: outputs, time per output token, acceptance and STD's drafting time."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    before = snapshot(llm)
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    after = snapshot(llm)
+
+    tpot = delta(after, before, "vllm:request_time_per_output_token_seconds")
+    decode = delta(after, before, "vllm:request_decode_time_seconds")
+    drafts = delta(after, before, "vllm:spec_decode_num_drafts") or 0
+    draft_tokens = delta(after, before, "vllm:spec_decode_num_draft_tokens") or 0
+    accepted = delta(after, before, "vllm:spec_decode_num_accepted_tokens") or 0
+    per_pos = delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos") or []
+    draft_time = delta(after, before, "vllm:std_draft_seconds") or (0, 0.0)
+    prompt_tokens = [len(o.prompt_token_ids) for o in outputs]
+    return {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
+        "wall_seconds": wall,
+        "output_tokens_per_second": sum(len(o.outputs[0].token_ids) for o in outputs) / wall,
+        "tpot_seconds": tpot[1] / tpot[0],
+        "decode_seconds": decode[1] / decode[0],
+        "drafts": drafts,
+        "draft_tokens": draft_tokens,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+        "accepted_at": conditional_acceptance([n / drafts for n in per_pos]) if drafts else [],
+        "draft_steps": draft_time[0],
+        "draft_seconds": draft_time[1],
+    }
+
+
+def conditional_acceptance(reached: list[float]) -> list[float]:
+    """vLLM counts, per position i, the rounds whose first i + 1 drafts were all accepted; the cost model
+    wants the chance that draft i + 1 is accepted given drafts 1..i were."""
+    previous = [1.0, *reached[:-1]] if reached else []
+    return [r / p if p > 0 else 0.0 for r, p in zip(reached, previous, strict=True)]
+
+
+@contextmanager
+def engine(model: str, method: Method, max_model_len: int, dtype: str) -> Iterator[Any]:
+    from vllm import LLM
+
+    llm = LLM(
+        model,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        limit_mm_per_prompt={"video": 1},
+        speculative_config=method.speculative_config(),
+        seed=0,
+        disable_log_stats=False,
+    )
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+# --- the cost model from the measurements ---------------------------------------------------------------
+
+
+def fit_cost_model(records: list[dict[str, Any]], output_len: int) -> CostModel | None:
+    """Dense steps from the runs without speculation; draft and verify steps from STD's runs (a step's
+    context is the prompt plus half the output; a draft step's, the kept visual tokens plus text)."""
+    dense = [r for r in records if r["kind"] == "none"]
+    std = [r for r in records if r["kind"] == "std" and r["draft_steps"]]
+    if len(dense) < 1 or not std:
+        return None
+    context = lambda r: r["prompt_tokens"] + output_len / 2  # noqa: E731
+    dense_cost = fit_step_cost(
+        [r["batch"] for r in dense], [context(r) for r in dense], [r["tpot_seconds"] for r in dense]
+    )
+    draft_cost = fit_step_cost(
+        [r["batch"] for r in std],
+        [r["sparse_context"] + output_len / 2 for r in std],
+        [r["draft_step_seconds"] for r in std],
+    )
+    verify_cost = fit_verify_cost(
+        [r["batch"] for r in std],
+        [context(r) for r in std],
+        [r["gamma"] for r in std],
+        [r["verify_step_seconds"] for r in std],
+    )
+    return CostModel(dense_cost, draft_cost, verify_cost)
+
+
+def step_costs(record: dict[str, Any], gamma: int) -> None:
+    """Adds the per-step costs of an STD-family run: drafting time per draft step and the verify step time
+    (a drafting step's decode time less its drafting)."""
+    steps = record["draft_steps"]
+    if not steps:
+        return
+    record["draft_step_seconds"] = record["draft_seconds"] / steps / gamma
+    record["verify_step_seconds"] = record["decode_seconds"] / steps - record["draft_seconds"] / steps
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import vllm
+
+    return {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_std.bench_report import write_report
+    from vllm_std.fixtures.models import tiny_model
+
+    model = args.model or str(tiny_model("qwen2_vl"))
+    workloads = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
+    videos = SyntheticVideos(model, args.question, args.frame_side)
+    max_model_len = int(max(args.visual_tokens) * 1.1 + videos.text_tokens + args.output_len + 256)
+    records: list[dict[str, Any]] = []
+    reference: dict[str, list[list[int]]] = {}
+    plan = methods(args.methods, args.gamma, args.top_k)
+    for method in tqdm(plan, desc="methods", unit="engine"):
+        with engine(model, method, max_model_len, args.dtype) as llm:
+            measure(llm, videos.requests(Workload(256, 1), seed=10**6), 8)  # warm-up
+            for i, workload in enumerate(tqdm(workloads, desc=method.label, leave=False)):
+                record = measure(llm, videos.requests(workload, seed=1000 * i), args.output_len)
+                token_ids = record.pop("token_ids")
+                reference.setdefault(workload.label, token_ids)
+                record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
+                record["method"], record["workload"] = method.label, workload.label
+                record["identical_to_no_speculation"] = token_ids == reference[workload.label]
+                record["sparse_context"] = (
+                    min(method.top_k, workload.visual_tokens)
+                    + record["prompt_tokens"]
+                    - workload.visual_tokens
+                )
+                step_costs(record, method.gamma)
+                records.append(record)
+    none = {r["workload"]: r for r in records if r["kind"] == "none"}
+    for r in records:
+        if r["workload"] in none:
+            r["speedup_tpot"] = none[r["workload"]]["tpot_seconds"] / r["tpot_seconds"]
+            r["speedup_throughput"] = (
+                r["output_tokens_per_second"] / none[r["workload"]]["output_tokens_per_second"]
+            )
+    cost_model = fit_cost_model(records, args.output_len)
+    if cost_model is not None:
+        for r in records:
+            if r["kind"] in ("std", "streaming", "random") and r["accepted_at"]:
+                r["predicted_speedup"] = cost_model.speedup(
+                    r["batch"],
+                    r["prompt_tokens"] + args.output_len / 2,
+                    r["sparse_context"] + args.output_len / 2,
+                    r["accepted_at"],
+                    r["gamma"],
+                )
+    result = {
+        "command": vars(args),
+        "model": model,
+        "environment": environment(),
+        "tokens_per_frame": videos.tokens_per_frame,
+        "cost_model": dataclasses.asdict(cost_model) if cost_model else None,
+        "records": records,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
+    write_report(result, out)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots")
+    return 0 if all(r["identical_to_no_speculation"] for r in records) else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: the tiny Qwen2-VL fixture)")
+    parser.add_argument("--visual-tokens", type=ints, default=[1024, 4096], help="comma-separated")
+    parser.add_argument("--batch", type=ints, default=[1, 4], help="comma-separated batch sizes")
+    parser.add_argument("--gamma", type=ints, default=[4], help="comma-separated num_speculative_tokens")
+    parser.add_argument("--top-k", type=ints, default=[512], help="comma-separated K (visual tokens kept)")
+    parser.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        default=["none", "std", "ngram", "streaming", "random"],
+        help="comma-separated: none, std, ngram, streaming, random",
+    )
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--question", default="What happens in the video?")
+    parser.add_argument("--frame-side", type=int, default=224)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", default="bench-results")

@@ -4,6 +4,7 @@ import base64
 import dataclasses
 import gc
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -191,6 +192,20 @@ def serve_arg_parser() -> Any:
     return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 
 
+def shell_commands(script: str) -> list[list[str]]:
+    """The simple commands of a shell script, split as the shell splits words and at `;`, `&&`, `||`,
+    `|` and `&` (no expansion)."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for word in lexer:
+        if word in {";", "&&", "||", "|", "&"}:
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [c for c in commands if c]
+
+
 def eager_block_scores(
     path: str, request: dict, heads: slice = slice(None)
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,9 +247,7 @@ def video_file(media_dir: Path, seed: int, frames: int = MP4_FRAMES) -> Path:
     """An mp4 of `frames` synthetic 224x224 frames at MP4_FPS (written once per seed and length)."""
     path = media_dir / f"video-{seed}-{frames}.mp4"
     return (
-        path
-        if path.exists()
-        else write_mp4(synthetic_frames(frames, 224, 224, seed=seed), path, fps=MP4_FPS)
+        path if path.exists() else write_mp4(synthetic_frames(frames, 224, 224, seed=seed), path, fps=MP4_FPS)
     )
 
 

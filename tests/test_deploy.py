@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import re
-import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import serve_arg_parser
+from helpers import serve_arg_parser, shell_commands
 
 from vllm_std.patches import refused_flags
 
@@ -205,22 +204,11 @@ def container_env(container: dict[str, Any], group: PodGroup) -> dict[str, str]:
     return {**group.injected_env, **own}
 
 
-_SEPARATORS = {";", "&&", "||", "|", "&"}
-
-
 def simple_commands(words: list[str]) -> list[list[str]]:
     """The commands a container runs: its words, or the simple commands of a `sh -c` / `bash -lc` script
     (leading `exec` and `VAR=value` assignments dropped)."""
     if Path(words[0]).name in ("sh", "bash") and len(words) > 2 and re.fullmatch(r"-[a-z]*c", words[1]):
-        script = words[3] if words[2] == "--" else words[2]
-        lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        commands: list[list[str]] = [[]]
-        for word in lexer:
-            if word in _SEPARATORS:
-                commands.append([])
-            else:
-                commands[-1].append(word)
+        commands = shell_commands(words[3] if words[2] == "--" else words[2])
     else:
         commands = [words]
     stripped = []

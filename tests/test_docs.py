@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import serve_arg_parser
+from helpers import serve_arg_parser, shell_commands
 
 from vllm_std.config import METHOD, STDConfig, STDConfigError
 from vllm_std.patches import speculative_config_type
@@ -98,7 +98,6 @@ def command_lines(block: Block) -> list[str]:
 
 _CAT = re.compile(r"\"\$\(cat ([^)\s]+)\)\"")
 _VARIABLE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
-_SEPARATORS = {"|", "||", "&&", ";", "&"}
 
 
 def shell_words(line: str) -> list[list[str]]:
@@ -111,15 +110,7 @@ def shell_words(line: str) -> list[list[str]]:
     line = _VARIABLE.sub(PLACEHOLDER, line)
     if "$(" in line or "`" in line:
         raise ValueError(f"cannot expand the command substitution in: {line}")
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    commands: list[list[str]] = [[]]
-    for word in lexer:
-        if word in _SEPARATORS:
-            commands.append([])
-        else:
-            commands[-1].append(word)
-    return [c for c in commands if c]
+    return shell_commands(line)
 
 
 def speculative_config_values(words: list[str]) -> list[str]:

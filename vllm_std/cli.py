@@ -1,4 +1,4 @@
-"""The `vllm-std` command: `demo`, `doctor`, `fixture`."""
+"""The `vllm-std` command: `demo`, `bench`, `doctor`, `fixture`."""
 
 import argparse
 import sys
@@ -16,7 +16,18 @@ def _doctor(args: argparse.Namespace) -> int:
     return run()
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from vllm_std.bench import run
+
+    return run(args)
+
+
 def _fixture(args: argparse.Namespace) -> int:
+    if args.family == "sparse":
+        from vllm_std.fixtures.sparse import sparse_model
+
+        print(sparse_model())
+        return 0
     from vllm_std.fixtures.models import tiny_model
 
     print(tiny_model(args.family))
@@ -38,10 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--question", default="What happens in the video?")
     demo.set_defaults(func=_demo)
 
+    bench = sub.add_parser("bench", help="compare STD with no speculation, ngram and baseline selections")
+    from vllm_std.bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=_bench)
+
     sub.add_parser("doctor", help="check that this environment can run vllm-std").set_defaults(func=_doctor)
 
     fixture = sub.add_parser("fixture", help="build (or find) a tiny checkpoint and print its folder")
-    fixture.add_argument("family", choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+    fixture.add_argument(
+        "family",
+        choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision", "sparse"],
+        help="a random-weight family, or `sparse`: the Qwen2-VL trained on the look-up task (minutes)",
+    )
     fixture.set_defaults(func=_fixture)
 
     args = parser.parse_args(argv)

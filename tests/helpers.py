@@ -2,7 +2,6 @@
 
 import base64
 import dataclasses
-import gc
 import re
 import shlex
 import socket
@@ -11,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
+from vllm_std.bench import engine as offline_engine
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import synthetic_image, vllm_request
 from vllm_std.fixtures.video import synthetic_frames, write_mp4
@@ -58,25 +58,18 @@ def mixed_requests(family: str) -> list[dict[str, Any]]:
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 
 
-@contextmanager
 def engine(
     family: str, dtype: str = "float32", speculative_config: Any = None, **kwargs: Any
-) -> Iterator[LLM]:
-    llm = LLM(
+) -> AbstractContextManager[LLM]:
+    """An offline engine on a tiny fixture (a context manager), with the tests' defaults."""
+    return offline_engine(
         str(tiny_model(family)),
         dtype=dtype,
         max_model_len=kwargs.pop("max_model_len", 8192),
         limit_mm_per_prompt=kwargs.pop("limit_mm_per_prompt", {"video": 1, "image": 1}),
         speculative_config=speculative_config,
-        seed=0,
-        disable_log_stats=False,
         **kwargs,
     )
-    try:
-        yield llm
-    finally:
-        del llm
-        gc.collect()
 
 
 def token_ids(outputs: list[Any]) -> list[list[int]]:

@@ -188,18 +188,11 @@ def conditional_acceptance(reached: list[float]) -> list[float]:
 
 
 @contextmanager
-def engine(model: str, method: Method, max_model_len: int, dtype: str) -> Iterator[Any]:
+def engine(model: str, **kwargs: Any) -> Iterator[Any]:
+    """An offline `LLM` with its metrics on (the figures come from them) and seed 0, released after use."""
     from vllm import LLM
 
-    llm = LLM(
-        model,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        limit_mm_per_prompt={"video": 1},
-        speculative_config=method.speculative_config(),
-        seed=0,
-        disable_log_stats=False,
-    )
+    llm = LLM(model, seed=0, disable_log_stats=False, **kwargs)
     try:
         yield llm
     finally:
@@ -276,7 +269,13 @@ def run(args: argparse.Namespace) -> int:
     reference: dict[str, list[list[int]]] = {}
     plan = methods(args.methods, args.gamma, args.top_k)
     for method in tqdm(plan, desc="methods", unit="engine"):
-        with engine(model, method, max_model_len, args.dtype) as llm:
+        with engine(
+            model,
+            dtype=args.dtype,
+            max_model_len=max_model_len,
+            limit_mm_per_prompt={"video": 1},
+            speculative_config=method.speculative_config(),
+        ) as llm:
             measure(llm, videos.requests(Workload(256, 1), seed=10**6), 8)  # warm-up
             for i, workload in enumerate(tqdm(workloads, desc=method.label, leave=False)):
                 record = measure(llm, videos.requests(workload, seed=1000 * i), args.output_len)

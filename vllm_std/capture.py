@@ -178,15 +178,16 @@ class PrefillScorer:
     def _score_layer(
         self, state: _PendingPrefill, layer: int, keys: torch.Tensor, queries: torch.Tensor
     ) -> None:
+        num_blocks = -(-state.prompt_len // self.block_size)
+        if self.config.selection != "attention":  # a baseline: `_finish` ranks blocks without attention
+            state.keys[layer], state.queries[layer] = [], []
+            state.scores[layer] = torch.zeros(num_blocks)
+            return
         start = time.perf_counter()
         all_keys = torch.cat([*state.keys[layer], keys])
         all_queries = torch.cat([*state.queries[layer], queries])
         state.keys[layer] = []
         state.queries[layer] = []
-        num_blocks = -(-state.prompt_len // self.block_size)
-        if self.config.selection != "attention":  # a baseline: `_finish` ranks blocks without attention
-            state.scores[layer] = torch.zeros(num_blocks)
-            return
         positions = torch.cat(state.query_positions)
         assert state.key_start is not None
         mass = key_attention_mass(all_queries, all_keys, self.scale, positions, state.key_start)

@@ -35,7 +35,8 @@ class STDConfig(BaseModel):
 
     method: Literal["std"] = METHOD
     num_speculative_tokens: Annotated[int, Field(ge=1, le=32)] = 6
-    """gamma: tokens drafted per round by the sparse drafter (paper: best around 6-9 on GPUs)."""
+    """gamma: the most tokens drafted per round (paper: best around 6-9 on GPUs); with `adaptive` off,
+    every drafting request drafts exactly this many."""
     top_k: Annotated[int, Field(ge=1)] = 1024
     """K: visual tokens each layer's drafter keeps, rounded up to whole KV blocks."""
     modalities: Annotated[tuple[Modality, ...], Field(min_length=1)] = ("video", "image")
@@ -47,11 +48,33 @@ class STDConfig(BaseModel):
     "streaming" (the K most recent visual blocks; attention sinks and text are always kept) and "random" are
     baselines, so that a benchmark compares selection policies with everything else equal."""
 
+    adaptive: bool = True
+    """Choose each request's gamma (0 to num_speculative_tokens) at every step from the cost model and the
+    request's acceptance so far, drafting nothing where no gamma is predicted to beat plain decoding."""
+    probe_interval: Annotated[int, Field(ge=1)] = 16
+    """With `adaptive`, a request that stopped drafting drafts one token again after this many steps."""
+    cost_profile: str | None = None
+    """With `adaptive`, a saved cost profile (`vllm-std calibrate`) instead of the short measurement of
+    draft, dense and verify steps that the workers otherwise make at start-up."""
+
     @field_validator("modalities", mode="before")
     @classmethod
     def _list_to_tuple(cls, value: Any) -> Any:
         """JSON has lists, not tuples; everything else is validated strictly (no `true` for an int)."""
         return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("cost_profile")
+    @classmethod
+    def _profile_loads(cls, value: str | None) -> str | None:
+        """A profile that will not load is refused now, not when the workers start."""
+        if value is not None:
+            from vllm_std.cost_model import CostModel
+
+            try:
+                CostModel.load(value)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"cannot load it ({type(e).__name__}: {e})") from None
+        return value
 
     def top_k_blocks(self, block_size: int) -> int:
         return -(-self.top_k // block_size)
@@ -92,7 +115,7 @@ def _one_line(error: ValidationError) -> str:
         )
         unknown = f"speculative_config: unknown field '{field}' for method 'std'"
         return f"{unknown}; {fix}; known fields: {', '.join(known)}"
-    message = _MESSAGES.get(first["type"], first["msg"])
+    message = _MESSAGES.get(first["type"], first["msg"].removeprefix("Value error, "))
     got = first.get("input")
     got = list(got) if isinstance(got, tuple) else got
     allowed = _ALLOWED.get(field.split(".")[0], "")
@@ -109,4 +132,7 @@ _ALLOWED = {
     "min_visual_tokens": "an integer >= 0",
     "method": '"std"',
     "selection": '"attention" (STD), or the baselines "streaming" and "random"',
+    "adaptive": "true or false",
+    "probe_interval": "an integer >= 1 (steps)",
+    "cost_profile": "the path of a JSON file written by `vllm-std calibrate`",
 }

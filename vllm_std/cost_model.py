@@ -17,9 +17,14 @@ never assumed.
 """
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+PROFILE_FORMAT = "vllm-std cost profile v1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,39 @@ class CostModel:
     dense: StepCost
     draft: StepCost
     verify: VerifyCost
+
+    def with_overhead(self, seconds: float) -> "CostModel":
+        """The same model with `seconds` more per target step (dense or verify), such as the engine's
+        scheduling and sampling around a forward pass that a forward-only calibration cannot see."""
+        return dataclasses.replace(
+            self,
+            dense=dataclasses.replace(self.dense, fixed=self.dense.fixed + seconds),
+            verify=dataclasses.replace(self.verify, fixed=self.verify.fixed + seconds),
+        )
+
+    def step_seconds(self, rows: Sequence[tuple[float, int]]) -> float:
+        """A target step over requests `(context, drafts verified)`, mixing one-token and verify rows: the
+        dense step's fixed part plus each row's share of its own kind of step."""
+        seconds = self.dense.fixed
+        for context, drafts in rows:
+            if drafts:
+                seconds += self.verify(1, context, drafts) - self.verify.fixed
+            else:
+                seconds += self.dense(1, context) - self.dense.fixed
+        return seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": PROFILE_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CostModel":
+        if data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"not a {PROFILE_FORMAT!r} file (format {data.get('format')!r})")
+        return cls(StepCost(**data["dense"]), StepCost(**data["draft"]), VerifyCost(**data["verify"]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        return cls.from_json(json.loads(Path(path).read_text()))
 
     def round_seconds(self, batch: int, context: float, sparse_context: float, gamma: int) -> float:
         return gamma * self.draft(batch, sparse_context) + self.verify(batch, context, gamma)

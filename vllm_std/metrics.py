@@ -20,6 +20,8 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from vllm_std.gamma_policy import REASONS, Decision
+
 PREFIX = "vllm:spec_decode_"
 METRICS_DIR_ENV = "VLLM_STD_METRICS_DIR"
 _VLLM_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -29,6 +31,7 @@ SkipReason = Literal[
 ]
 """Why a request decodes without drafts (the `reason` label of `vllm:std_requests_skipped_total`)."""
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
+_LABELLED = {"requests_skipped": "reason", "gamma_decisions": "decision"}
 
 
 def spec_decode_counters(llm: Any) -> dict[str, Any]:
@@ -44,22 +47,21 @@ def std_metrics(llm: Any) -> dict[str, Any]:
     """STD's own series from an offline `LLM` (built with `disable_log_stats=False`, as `get_metrics` needs).
 
     By name without the `vllm:std_` prefix, summed over engines: counters give their value
-    (`requests_skipped` a dict by reason), histograms `(count, sum)`.
+    (`requests_skipped` a dict by reason, `gamma_decisions` by decision), histograms `(count, sum)`.
     """
-    out: dict[str, Any] = {"requests_skipped": collections.Counter()}
+    out: dict[str, Any] = {name: collections.Counter() for name in _LABELLED}
     for m in llm.get_metrics():
         name = m.name.removeprefix("vllm:std_")
         if name == m.name:
             continue
-        if name == "requests_skipped":
-            out[name][m.labels["reason"]] += m.value
+        if name in _LABELLED:
+            out[name][m.labels[_LABELLED[name]]] += m.value
         elif hasattr(m, "buckets"):
             count, total = out.get(name, (0, 0.0))
             out[name] = (count + m.count, total + m.sum)
         else:
             out[name] = out.get(name, 0) + m.value
-    out["requests_skipped"] = dict(out["requests_skipped"])
-    return out
+    return out | {name: dict(out[name]) for name in _LABELLED}
 
 
 def acceptance_rate(counters: dict[str, Any]) -> float:
@@ -167,6 +169,21 @@ class STDMetrics:
             (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
 
+        self.gamma = histogram(
+            "vllm:std_gamma",
+            "Per drafting-eligible request and step, the draft length chosen (0: no drafts this step).",
+            (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32),
+        )
+        decisions = Counter(
+            "vllm:std_gamma_decisions",
+            "Per drafting-eligible request and step, why it drafts as it does: fixed (adaptive off), paying "
+            "(the cost model's best gamma), probe (one draft to re-measure acceptance), not_paying (no gamma "
+            "predicted to beat plain decoding).",
+            [*names, "decision"],
+            registry=None,
+        )
+        self.decisions = {reason: decisions.labels(**labels, decision=reason) for reason in REASONS}
+
     @classmethod
     def for_worker(cls, vllm_config: Any, tp_rank: int) -> "STDMetrics | None":
         """The worker's metrics, or None where nothing should be written (ranks > 0, no collector)."""
@@ -187,3 +204,7 @@ class STDMetrics:
 
     def request_skipped(self, reason: SkipReason) -> None:
         self.skipped[reason].inc()
+
+    def gamma_chosen(self, decision: Decision) -> None:
+        self.gamma.observe(decision.gamma)
+        self.decisions[decision.reason].inc()

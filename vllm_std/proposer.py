@@ -3,7 +3,8 @@
 Lifecycle inside a worker: vLLM builds it with the config (`__init__`), calls `load_model` with the target
 model (the drafter *is* the target: nothing to load), and after the KV cache exists the runner patch calls
 `bind_runner`, which validates the engine and hooks every decoder attention layer for prefill scoring.
-Then, after every step, `propose` drafts up to gamma tokens per request that has a selection.
+Then, after every step, `propose` drafts up to gamma tokens per request that has a selection: with
+`adaptive` (the default) as many as `GammaPolicy` predicts fastest for that request, which may be none.
 
 Losslessness rests on three facts: drafts are verified by vLLM's own dense forward and rejection sampler;
 the drafter writes KV only at positions `>= n - 1` (the verifier rewrites them before reading them); and it
@@ -19,8 +20,11 @@ import torch
 
 from vllm_std.backends import adapter_for
 from vllm_std.backends.base import AttentionAdapter
+from vllm_std.calibration import StartupCalibration, StepOverhead
 from vllm_std.capture import PrefillScorer
 from vllm_std.config import STDConfig
+from vllm_std.cost_model import CostModel
+from vllm_std.gamma_policy import Decision, GammaPolicy
 from vllm_std.metrics import STDMetrics
 from vllm_std.patches import WORKER_PATCHES
 from vllm_std.runner_view import RunnerView
@@ -57,6 +61,13 @@ class STDProposer:
         self.scorer: PrefillScorer | None = None
         self.metrics: STDMetrics | None = None
         self._drafting = False
+        # Adaptive gamma: rank 0 decides every draft length (the others receive them), from these.
+        self.cost: CostModel | None = None
+        self.policy: GammaPolicy | None = None
+        self.overhead = StepOverhead()
+        self._verifying: dict[str, int] = {}  # drafts each request verifies in the step being run
+        self._step_rows: list[tuple[float, int]] | None = None
+        self._round_end: float | None = None
 
     def load_model(self, target_model: Any) -> None:
         """Nothing to load: the drafter shares the target's weights and KV cache."""
@@ -73,17 +84,45 @@ class STDProposer:
         self.scorer = PrefillScorer(
             self.config, len(view.layers), view.block_size, view.layers[0].impl.scale, self.metrics
         )
+        if self.config.adaptive:
+            self._calibrate(view, self.adapter)
         for index, layer in enumerate(view.layers):
             self._hook(layer.impl, index)
         self.view = view
         if view.tp_rank == 0:
             self._log_settings(view)
 
+    def _calibrate(self, view: RunnerView, adapter: AttentionAdapter) -> None:
+        """The cost model for adaptive gamma: the saved profile, or a measurement now (on every rank, as the
+        forward passes hold collectives; rank 0's is used)."""
+        start = time.perf_counter()
+        if self.config.cost_profile is not None:
+            self.cost, source = CostModel.load(self.config.cost_profile), self.config.cost_profile
+        else:
+            calibration = StartupCalibration(view, adapter, self.num_speculative_tokens)
+            self.cost, source = calibration.run(), "measured at start-up"
+        if view.tp_rank != 0:
+            return
+        self.policy = GammaPolicy(self.num_speculative_tokens, self.config.probe_interval)
+        context = 4096
+        logger.info(
+            "STD cost model (%s, %.1f s): at batch 1 and %d tokens of context, a dense step %.2f ms, a draft "
+            "step %.2f ms, a verify step of %d tokens %.2f ms (before the engine's own per-step overhead)",
+            source,
+            time.perf_counter() - start,
+            context,
+            1e3 * self.cost.dense(1, context),
+            1e3 * self.cost.draft(1, context),
+            self.num_speculative_tokens + 1,
+            1e3 * self.cost.verify(1, context, self.num_speculative_tokens),
+        )
+
     def _log_settings(self, view: RunnerView) -> None:
         """The one start-up line with the resolved settings (TP rank 0 only)."""
         logger.info(
-            "STD on: gamma=%d top_k=%d (%d blocks of %d) selection=%s modalities=%s min_visual_tokens=%d; "
+            "STD on: gamma=%s%d top_k=%d (%d blocks of %d) selection=%s modalities=%s min_visual_tokens=%d; "
             "%d layers, %s",
+            "adaptive up to " if self.config.adaptive else "",
             self.config.num_speculative_tokens,
             self.config.top_k,
             self.config.top_k_blocks(view.block_size),
@@ -109,12 +148,33 @@ class STDProposer:
 
     def _plan_step(self) -> None:
         assert self.view is not None and self.scorer is not None
-        self.scorer.forget(self.view.live_req_ids())
+        live = self.view.live_req_ids()
+        self.scorer.forget(live)
         rows = self.view.batch_rows()
         for row in rows:
             if not self.scorer.known(row.req_id):
                 self.scorer.admit(self.view.visual_request(row.req_id))
         self.scorer.plan_step(rows)
+        if self.policy is not None:
+            self.policy.forget(live)
+            shape = [(row.chunk_start, row.num_rows, self.view.num_prompt_tokens(row.req_id)) for row in rows]
+            self._step_rows = StepOverhead.decode_rows(shape)
+            self._verifying = {
+                row.req_id: row.num_rows - 1
+                for row, (start, _, prompt) in zip(rows, shape, strict=True)
+                if start >= prompt
+            }
+
+    def _learn(self, sampled_token_ids: list[list[int]], now: float) -> None:
+        """After a target step (rank 0, adaptive): each verified round's acceptance, and the step's overhead
+        beyond its forward pass."""
+        assert self.view is not None and self.policy is not None and self.cost is not None
+        for req_id, sampled in zip(self.view.batch_req_ids(), sampled_token_ids, strict=True):
+            drafted = self._verifying.get(req_id, 0)
+            if drafted and sampled:
+                self.policy.record(req_id, drafted, len(sampled) - 1)
+        if self._round_end is not None and self._step_rows is not None:
+            self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows))
 
     def propose(
         self,
@@ -127,8 +187,11 @@ class STDProposer:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         if self.view is None or self.scorer is None:
             return drafts
+        if self.policy is not None:
+            self._learn(sampled_token_ids, time.perf_counter())
         requests = self._draftable(sampled_token_ids, num_tokens_no_spec)
         if not requests:
+            self._round_end = time.perf_counter()
             return drafts
         tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
         start = time.perf_counter()
@@ -142,19 +205,25 @@ class STDProposer:
                 tokens[active] = next_tokens
         finally:
             self._drafting = False
+        self._round_end = time.perf_counter()
         if self.metrics is not None:
-            self.metrics.draft_seconds.observe(time.perf_counter() - start)
+            self.metrics.draft_seconds.observe(self._round_end - start)
         return drafts
 
     def _draftable(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any) -> list[_DraftRequest]:
         assert self.view is not None and self.scorer is not None
-        block_size, gamma = self.view.block_size, self.num_speculative_tokens
+        block_size = self.view.block_size
+        eligible = [
+            (row, req_id, int(num_tokens_no_spec[row]))
+            for row, req_id in enumerate(self.view.batch_req_ids())
+            if req_id in self.scorer.selections and sampled_token_ids[row]
+        ]
+        if not eligible:
+            return []
+        gammas = self._gammas(eligible)
         out = []
-        for row, req_id in enumerate(self.view.batch_req_ids()):
-            selection = self.scorer.selections.get(req_id)
-            if selection is None or not sampled_token_ids[row]:
-                continue
-            n = int(num_tokens_no_spec[row])
+        for (row, req_id, n), gamma in zip(eligible, gammas, strict=True):
+            selection = self.scorer.selections[req_id]
             block_ids = self.view.block_ids(req_id)
             # Draft KV goes to positions n-1 .. n+k-2: stay inside allocated blocks and the model's length,
             # and draft no more than the request may still emit besides the verifier's own token.
@@ -168,6 +237,29 @@ class STDProposer:
                 physical = torch.tensor(block_ids, dtype=torch.int32)
                 out.append(_DraftRequest(row, selection, n, k, physical, self.view.position_delta(req_id)))
         return out
+
+    def _gammas(self, eligible: list[tuple[int, str, int]]) -> list[int]:
+        """Each eligible request's draft length: gamma, or with `adaptive` the policy's choice on rank 0,
+        sent to the other ranks (their own timings would differ, and the ranks must draft in lockstep)."""
+        assert self.view is not None and self.scorer is not None
+        if not self.config.adaptive:
+            decisions = [Decision(self.num_speculative_tokens, "fixed")] * len(eligible)
+        elif self.policy is None:
+            return self.view.broadcast_from_rank0(None)
+        else:
+            assert self.cost is not None
+            cost = self.cost.with_overhead(self.overhead.seconds)
+            batch, block_size = len(self.view.batch_req_ids()), self.view.block_size
+            decisions = []
+            for _, req_id, n in eligible:
+                selection = self.scorer.selections[req_id]
+                sparse = n - selection.num_visual_tokens + selection.num_kept_visual_tokens(block_size)
+                decisions.append(self.policy.choose(req_id, cost, batch, n, sparse))
+        if self.metrics is not None:
+            for decision in decisions:
+                self.metrics.gamma_chosen(decision)
+        gammas = [d.gamma for d in decisions]
+        return self.view.broadcast_from_rank0(gammas) if self.config.adaptive else gammas
 
     def _draft_step(self, requests: list[_DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
         assert self.view is not None and self.adapter is not None

@@ -78,6 +78,9 @@ class RunnerView:
         max_tokens = getattr(state.sampling_params, "max_tokens", None)
         return self.max_model_len if max_tokens is None else max_tokens - len(state.output_token_ids)
 
+    def num_prompt_tokens(self, req_id: str) -> int:
+        return self.runner.requests[req_id].num_prompt_tokens
+
     def position_delta(self, req_id: str) -> int:
         """M-RoPE offset of generated tokens (0 for 1-D RoPE models)."""
         if not self.runner.uses_mrope:
@@ -87,6 +90,21 @@ class RunnerView:
     @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.runner.kv_cache_config.num_blocks
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.vllm_config.scheduler_config.max_num_seqs
+
+    def broadcast_from_rank0(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every tensor-parallel rank (as is where there is one rank)."""
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+        return obj if group.world_size == 1 else group.broadcast_object(obj, src=0)
 
     @property
     def tp_rank(self) -> int:
@@ -104,7 +122,8 @@ class RunnerView:
         slots: torch.Tensor,
         attn_metadata: dict[str, Any],
     ) -> torch.Tensor:
-        """One decode step of the target model over `B` tokens with the given per-layer metadata.
+        """One forward of the target model over the given tokens and per-layer metadata (a draft step, or a
+        timed step of the start-up calibration); logits for every token.
 
         Inputs go through the runner's own persistent buffers, exactly as its forward passes do: the model
         was compiled once (no guards) against views of those buffers.
@@ -135,20 +154,22 @@ class RunnerView:
             )
         return model.compute_logits(hidden[:num])
 
-    def common_metadata(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor) -> Any:
-        """vLLM's backend-independent metadata for `B` single-token queries."""
+    def common_metadata(
+        self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor, query_len: int = 1
+    ) -> Any:
+        """vLLM's backend-independent metadata for `B` requests of `query_len` new tokens each."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         num = seq_lens.shape[0]
         device = self.runner.device
-        query_start_loc = torch.arange(num + 1, dtype=torch.int32)
+        query_start_loc = torch.arange(num + 1, dtype=torch.int32) * query_len
         return CommonAttentionMetadata(
             query_start_loc=query_start_loc.to(device),
             query_start_loc_cpu=query_start_loc,
             seq_lens=seq_lens.to(device),
             num_reqs=num,
-            num_actual_tokens=num,
-            max_query_len=1,
+            num_actual_tokens=num * query_len,
+            max_query_len=query_len,
             max_seq_len=int(seq_lens.max()),
             block_table_tensor=block_table.to(device),
             slot_mapping=slots.to(device),

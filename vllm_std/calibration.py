@@ -1,0 +1,110 @@
+"""The cost model the adaptive gamma policy weighs, measured on the engine it runs in.
+
+At start-up (before any request, so free KV blocks may be written) each worker times forward passes of the
+target model through the runner, exactly as drafting runs them: one-token dense steps, verify steps over
+`g + 1` tokens and sparse draft steps with per-layer block tables, at a short and a long context and at
+batch 1 and a few. Every tensor-parallel rank runs the same steps (they hold collectives); rank 0's fit is the
+one used, since rank 0 decides every draft length. What a forward pass does not show (scheduling, input
+preparation, sampling: the same for a dense and a verify step) is measured while serving by `StepOverhead`.
+"""
+
+import collections
+import statistics
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_std.backends.base import AttentionAdapter
+from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
+
+if TYPE_CHECKING:
+    from vllm_std.runner_view import RunnerView
+
+
+class StartupCalibration:
+    """Times forward passes over scratch KV blocks and fits `CostModel` to them."""
+
+    REPEATS = 3
+    MAX_BATCH = 4
+    MAX_CONTEXT = 32_768
+
+    def __init__(self, view: "RunnerView", adapter: AttentionAdapter, max_gamma: int) -> None:
+        self.view, self.adapter, self.max_gamma = view, adapter, max_gamma
+        fits = view.runner.max_num_tokens // (max_gamma + 1)
+        self.batch = max(1, min(self.MAX_BATCH, view.max_num_seqs, fits))
+        block_size = view.block_size
+        # Block 0 is vLLM's null block; every row gets blocks of its own, so no row reads another's KV.
+        blocks_per_row = (view.num_kv_blocks - 1) // self.batch
+        long = min(self.MAX_CONTEXT, view.max_model_len, blocks_per_row * block_size) - max_gamma - 1
+        self.contexts = sorted({min(8 * block_size, long), long})
+
+    def run(self) -> CostModel:
+        dense, draft, verify = [], [], []
+        for batch in sorted({1, self.batch}):
+            for context in self.contexts:
+                dense.append((batch, context, self._time(batch, context, 1, sparse=False)))
+                draft.append((batch, context, self._time(batch, context, 1, sparse=True)))
+                for gamma in sorted({1, self.max_gamma}):
+                    seconds = self._time(batch, context, gamma + 1, sparse=False)
+                    verify.append((batch, context, gamma, seconds))
+        return CostModel(
+            fit_step_cost(*zip(*dense, strict=True)),
+            fit_step_cost(*zip(*draft, strict=True)),
+            fit_verify_cost(*zip(*verify, strict=True)),
+        )
+
+    def _time(self, batch: int, context: int, query_len: int, sparse: bool) -> float:
+        """Median seconds of a forward over `batch` rows reading `context` cached tokens plus `query_len` new
+        ones (after one untimed run of the same shape)."""
+        view, block_size = self.view, self.view.block_size
+        seq_len = context + query_len
+        num_blocks = -(-seq_len // block_size)
+        table = 1 + torch.arange(batch * num_blocks, dtype=torch.int32).view(batch, num_blocks)
+        positions = (context + torch.arange(query_len)).repeat(batch)
+        rows = torch.arange(batch).repeat_interleave(query_len)
+        slots = (table[rows, positions // block_size] * block_size + positions % block_size).long()
+        seq_lens = torch.full((batch,), seq_len, dtype=torch.int32)
+        common = view.common_metadata(seq_lens, table, slots, query_len)
+        builder = view.attn_group.get_metadata_builder()
+        tokens = torch.ones(batch * query_len, dtype=torch.int64)
+        seconds = []
+        for _ in range(self.REPEATS + 1):
+            start = time.perf_counter()
+            if sparse:
+                tables = table.expand(len(view.layer_names), -1, -1)
+                metadata = self.adapter.sparse_metadata(builder, common, tables, view.layer_names)
+            else:
+                shared = builder.build(common_prefix_len=0, common_attn_metadata=common)
+                metadata = dict.fromkeys(view.layer_names, shared)
+            logits = view.draft_logits(tokens, positions, slots, metadata)
+            float(logits[-1, 0])  # waits for the device
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds[1:])
+
+
+class StepOverhead:
+    """Seconds per target step beyond its forward pass, from the steps actually served: the time between
+    the end of one drafting round and the start of the next, less the forward pass the calibrated model
+    predicts for that step. The median of recent steps, so an idle gap between requests does not count."""
+
+    WINDOW = 64
+
+    def __init__(self) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+
+    def observe(self, seconds: float, predicted_forward: float) -> None:
+        self._samples.append(max(seconds - predicted_forward, 0.0))
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self._samples) if self._samples else 0.0
+
+    @staticmethod
+    def decode_rows(rows: Sequence[tuple[int, int, int]]) -> list[tuple[float, int]] | None:
+        """`(context, drafts verified)` per row of a step whose rows `(chunk start, query length, prompt
+        length)` all decode; None for a step holding any prefill (its cost is not a decode step's)."""
+        if any(start < prompt for start, _, prompt in rows):
+            return None
+        return [(start + query, query - 1) for start, query, _ in rows]

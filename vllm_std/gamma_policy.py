@@ -1,0 +1,104 @@
+"""Per-request draft length: the gamma that the cost model predicts fastest for each request, 0 where none
+pays. Pure python (no vLLM), so the decisions can be tested on synthetic costs and acceptance.
+
+A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
+changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it. A request
+that stopped drafting drafts one token again every `probe_interval` steps, so that it notices when drafting
+would pay again (a probe costs one verify step over two tokens instead of one).
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+from vllm_std.cost_model import CostModel
+
+Reason = Literal["fixed", "paying", "probe", "not_paying"]
+"""Why a request got its draft length this step (the `decision` label of `vllm:std_gamma_decisions_total`)."""
+REASONS: tuple[Reason, ...] = ("fixed", "paying", "probe", "not_paying")
+
+
+class AcceptanceTracker:
+    """Rounds that reached each draft position and drafts accepted there, with exponential forgetting.
+
+    A round that drafted `k` tokens of which the first `a` were accepted reached positions `0..min(a, k-1)`
+    and was accepted at `0..a-1`.
+    """
+
+    def __init__(self, max_gamma: int, decay: float) -> None:
+        self.decay = decay
+        self.reached = [0.0] * max_gamma
+        self.accepted = [0.0] * max_gamma
+
+    def update(self, drafted: int, accepted: int) -> None:
+        for i in range(len(self.reached)):
+            self.reached[i] *= self.decay
+            self.accepted[i] *= self.decay
+        for i in range(min(accepted + 1, drafted, len(self.reached))):
+            self.reached[i] += 1.0
+            self.accepted[i] += float(i < accepted)
+
+    def estimate(self, prior: Sequence[float], strength: float) -> list[float]:
+        """Conditional acceptance per position: the counts with `strength` pseudo-rounds at `prior`."""
+        return [
+            (accepted + strength * p) / (reached + strength)
+            for accepted, reached, p in zip(self.accepted, self.reached, prior, strict=True)
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    gamma: int
+    reason: Reason
+
+
+class GammaPolicy:
+    """Chooses each request's gamma from the engine's cost model and the request's acceptance so far."""
+
+    # The engine-wide estimate starts at one pseudo-round at 1/2 per position, and weighs a request's own
+    # rounds against two pseudo-rounds at the engine-wide estimate: a handful of rounds decide.
+    ENGINE_DECAY = 0.99
+    REQUEST_DECAY = 0.9
+    PRIOR_STRENGTH = 2.0
+
+    def __init__(self, max_gamma: int, probe_interval: int) -> None:
+        self.max_gamma = max_gamma
+        self.probe_interval = probe_interval
+        self.engine = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
+        self.requests: dict[str, AcceptanceTracker] = {}
+        self._idle_steps: dict[str, int] = {}
+
+    def record(self, req_id: str, drafted: int, accepted: int) -> None:
+        """The outcome of a verified round: `accepted` of the `drafted` tokens."""
+        if drafted <= 0:
+            return
+        self.engine.update(drafted, accepted)
+        tracker = self.requests.setdefault(req_id, AcceptanceTracker(self.max_gamma, self.REQUEST_DECAY))
+        tracker.update(drafted, accepted)
+
+    def forget(self, live_req_ids: set[str]) -> None:
+        for req_id in [r for r in self.requests if r not in live_req_ids]:
+            del self.requests[req_id]
+        for req_id in [r for r in self._idle_steps if r not in live_req_ids]:
+            del self._idle_steps[req_id]
+
+    def accepted_at(self, req_id: str) -> list[float]:
+        """The request's conditional acceptance per draft position (the engine's until it has rounds)."""
+        prior = self.engine.estimate([0.5] * self.max_gamma, 1.0)
+        tracker = self.requests.get(req_id)
+        return tracker.estimate(prior, self.PRIOR_STRENGTH) if tracker else prior
+
+    def choose(
+        self, req_id: str, cost: CostModel, batch: int, context: float, sparse_context: float
+    ) -> Decision:
+        """The gamma in 0..max_gamma with the best predicted speed for this request at this step."""
+        gamma = cost.best_gamma(batch, context, sparse_context, self.accepted_at(req_id), self.max_gamma)
+        if gamma > 0:
+            self._idle_steps.pop(req_id, None)
+            return Decision(gamma, "paying")
+        idle = self._idle_steps.get(req_id, 0) + 1
+        if idle >= self.probe_interval:
+            self._idle_steps[req_id] = 0
+            return Decision(1, "probe")
+        self._idle_steps[req_id] = idle
+        return Decision(0, "not_paying")

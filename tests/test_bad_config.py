@@ -27,7 +27,12 @@ GAMMA_FIELD = "speculative_config.num_speculative_tokens"
 GAMMA = "allowed: an integer from 1 to 32"
 TOP_K = "allowed: an integer >= 1 (visual tokens kept per layer)"
 MODALITIES = 'allowed: a non-empty list of "video" and/or "image"'
-KNOWN = "known fields: method, min_visual_tokens, modalities, num_speculative_tokens, selection, top_k"
+KNOWN = (
+    "known fields: adaptive, cost_profile, method, min_visual_tokens, modalities, num_speculative_tokens, "
+    "probe_interval, selection, top_k"
+)
+PROFILE = "allowed: the path of a JSON file written by `vllm-std calibrate`"
+NOT_A_PROFILE = str(Path(__file__).parents[1] / "pyproject.toml")
 NOT_JSON = "use a JSON object or the bare 'std'"
 WITHOUT_STD = "run without STD"
 
@@ -90,6 +95,19 @@ ROWS = [
         std(selection="top_k"),
         "speculative_config.selection",
         'allowed: "attention" (STD)',
+    ),
+    bad_value("adaptive-word", std(adaptive="yes"), "speculative_config.adaptive", "allowed: true or false"),
+    bad_value(
+        "probe-zero", std(probe_interval=0), "speculative_config.probe_interval", "allowed: an integer >= 1"
+    ),
+    bad_value(
+        "profile-missing",
+        std(cost_profile="/nonexistent/profile.json"),
+        "cost_profile: cannot load it (FileNotFoundError",
+        PROFILE,
+    ),
+    bad_value(
+        "profile-not-a-profile", std(cost_profile=NOT_A_PROFILE), "cost_profile: cannot load it", PROFILE
     ),
     # Unknown fields: a typo, and vLLM's draft-model fields, which STD has no use for.
     bad_value("typo-topk", std(topk=1024), "unknown field 'topk'", f"did you mean 'top_k'?; {KNOWN}"),

@@ -27,13 +27,15 @@ def fake_vllm_config(additional_config: dict[str, Any] | None, num_speculative_t
 
 
 def test_bare_std_gives_the_defaults() -> None:
-    """`--speculative-config std` is the documented shorthand for the paper's settings."""
+    """`--speculative-config std` is the documented shorthand for the defaults: the paper's gamma and K, as
+    the most STD drafts per round, with each request's draft length chosen by the cost model."""
     cfg = STDConfig.parse("std")
     assert cfg.method == METHOD == "std"
     assert cfg.num_speculative_tokens == 6
     assert cfg.top_k == 1024
     assert cfg.modalities == ("video", "image")
     assert cfg.min_visual_tokens == 1
+    assert (cfg.adaptive, cfg.probe_interval, cfg.cost_profile) == (True, 16, None)
     assert STDConfig.parse({}) == cfg
     assert STDConfig.parse({"method": "std"}) == cfg
 
@@ -47,10 +49,13 @@ def test_valid_dict() -> None:
         "modalities": ["video"],
         "min_visual_tokens": 0,
         "selection": "streaming",
+        "adaptive": False,
+        "probe_interval": 4,
     }
     cfg = STDConfig.parse(raw)
     got = (cfg.num_speculative_tokens, cfg.top_k, cfg.modalities, cfg.min_visual_tokens, cfg.selection)
     assert got == (9, 256, ("video",), 0, "streaming")
+    assert (cfg.adaptive, cfg.probe_interval) == (False, 4)
 
 
 @pytest.mark.parametrize("gamma", [1, 32])
@@ -93,7 +98,15 @@ def test_to_additional_config_excludes_method_and_gamma() -> None:
     """Gamma travels in vLLM's own speculative config; only the STD-only fields go to additional_config."""
     cfg = STDConfig.parse({"num_speculative_tokens": 8, "top_k": 512, "modalities": ["image"]})
     extra = cfg.to_additional_config()
-    assert extra == {"top_k": 512, "modalities": ["image"], "min_visual_tokens": 1, "selection": "attention"}
+    assert extra == {
+        "top_k": 512,
+        "modalities": ["image"],
+        "min_visual_tokens": 1,
+        "selection": "attention",
+        "adaptive": True,
+        "probe_interval": 16,
+        "cost_profile": None,
+    }
     assert "method" not in extra and "num_speculative_tokens" not in extra
     assert json.loads(json.dumps(extra)) == extra, "must be JSON-able: vLLM hashes and pickles it"
 

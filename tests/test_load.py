@@ -41,7 +41,7 @@ WAVES = 3
 CONCURRENCY = 64
 CANCEL_EVERY = 8
 MAX_TOKENS = 24
-STD_SPEC = json.dumps({"method": "std", "num_speculative_tokens": 4, "top_k": 256})
+STD_SPEC = json.dumps({"method": "std", "num_speculative_tokens": 4, "top_k": 256, "adaptive": False})
 MEMORY_GROWTH_LIMIT = 256 * 2**20
 """Bytes the STD server may grow from the second wave to the last: far below what keeping per-request state
 would cost (the prefill key stash alone is ~100 KiB per visual token on this fixture), far above allocator

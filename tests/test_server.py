@@ -42,7 +42,7 @@ from openai import OpenAI
 from vllm_std.fixtures.models import tiny_model
 
 GAMMA = 4
-STD_SPEC = json.dumps({"method": "std", "num_speculative_tokens": GAMMA, "top_k": 256})
+STD_SPEC = json.dumps({"method": "std", "num_speculative_tokens": GAMMA, "top_k": 256, "adaptive": False})
 MAX_TOKENS = 32
 # Logprob tolerance. A drafted token's logprob comes from vLLM's verify forward (a query of up to gamma + 1
 # tokens), the plain server's from a one-token decode step; the two may sum in a different order and differ

@@ -20,7 +20,7 @@ from vllm_std.fixtures.video import synthetic_frames
 from vllm_std.metrics import spec_decode_counters
 
 GAMMA = 6
-SPEC = {"method": "std", "num_speculative_tokens": GAMMA, "top_k": 100_000}
+SPEC = {"method": "std", "num_speculative_tokens": GAMMA, "top_k": 100_000, "adaptive": False}
 PATH = str(tiny_model("qwen2_vl"))
 ROOM = 3
 """Tokens the longest prompt may generate before it reaches `max_model_len`: fewer than gamma."""

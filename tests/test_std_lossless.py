@@ -56,7 +56,7 @@ CASES = [
 @pytest.mark.parametrize(("family", "dtype", "gamma", "top_k"), CASES)
 def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: int) -> None:
     expected = baseline(family, dtype)
-    spec = {"method": "std", "num_speculative_tokens": gamma, "top_k": top_k}
+    spec = {"method": "std", "num_speculative_tokens": gamma, "top_k": top_k, "adaptive": False}
     with engine(family, dtype, speculative_config=spec, **ENGINE_ARGS[family]) as llm:
         outputs = _run(llm, family)
         counters = spec_decode_counters(llm)
@@ -104,7 +104,13 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
 @pytest.mark.parametrize("selection", ["streaming", "random"])
 def test_baseline_selections_are_lossless(selection: str) -> None:
     """The benchmark's baseline policies change only which blocks the drafter reads, never the output."""
-    spec = {"method": "std", "num_speculative_tokens": 4, "top_k": 256, "selection": selection}
+    spec = {
+        "method": "std",
+        "num_speculative_tokens": 4,
+        "top_k": 256,
+        "selection": selection,
+        "adaptive": False,
+    }
     with engine("qwen2_vl", speculative_config=spec, **ENGINE_ARGS["qwen2_vl"]) as llm:
         outputs = _run(llm, "qwen2_vl")
         counters = spec_decode_counters(llm)

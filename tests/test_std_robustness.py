@@ -18,7 +18,7 @@ TIGHT = {
     "max_num_batched_tokens": 512,
 }
 LONG = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": 512}
+SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": 512, "adaptive": False}
 
 
 def _videos(path: str, count: int) -> list[dict]:

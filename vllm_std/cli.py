@@ -1,4 +1,4 @@
-"""The `vllm-std` command: `demo`, `bench`, `doctor`, `fixture`."""
+"""The `vllm-std` command: `demo`, `bench`, `calibrate`, `doctor`, `fixture`."""
 
 import argparse
 import sys
@@ -20,6 +20,12 @@ def _bench(args: argparse.Namespace) -> int:
     from vllm_std.bench import run
 
     return run(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from vllm_std.calibration import run_calibrate
+
+    return run_calibrate(args)
 
 
 def _fixture(args: argparse.Namespace) -> int:
@@ -54,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    calibrate = sub.add_parser("calibrate", help="measure a cost profile for adaptive gamma and save it")
+    from vllm_std.calibration import add_arguments as add_calibrate_arguments
+
+    add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(func=_calibrate)
 
     sub.add_parser("doctor", help="check that this environment can run vllm-std").set_defaults(func=_doctor)
 

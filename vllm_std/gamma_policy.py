@@ -3,12 +3,13 @@ pays. Pure python (no vLLM), so the decisions can be tested on synthetic costs a
 
 A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
 changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it. A request
-that stopped drafting drafts one token again every `probe_interval` steps, so that it notices when drafting
-would pay again (a probe costs one verify step over two tokens instead of one).
+that stopped drafting probes every `probe_interval` steps, and at once again after a probe that was
+accepted, so that it notices soon when drafting would pay again. A probe drafts the fewest tokens that would
+pay if all were accepted; where not even that pays, acceptance is not what stops drafting, and nothing is
+probed.
 """
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Literal
 
 from vllm_std.cost_model import CostModel
@@ -38,12 +39,15 @@ class AcceptanceTracker:
             self.reached[i] += 1.0
             self.accepted[i] += float(i < accepted)
 
-    def estimate(self, prior: Sequence[float], strength: float) -> list[float]:
-        """Conditional acceptance per position: the counts with `strength` pseudo-rounds at `prior`."""
-        return [
-            (accepted + strength * p) / (reached + strength)
-            for accepted, reached, p in zip(self.accepted, self.reached, prior, strict=True)
-        ]
+    def estimate(self, first: float, strength: float) -> list[float]:
+        """Conditional acceptance per position: the counts plus `strength` pseudo-rounds at the estimate of
+        the position before (at `first` for position 0). A position never reached yet is taken to accept
+        as the one before it does, so drafting one token that is always accepted leads to trying two."""
+        out, prior = [], first
+        for accepted, reached in zip(self.accepted, self.reached, strict=True):
+            prior = (accepted + strength * prior) / (reached + strength)
+            out.append(prior)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +59,11 @@ class Decision:
 class GammaPolicy:
     """Chooses each request's gamma from the engine's cost model and the request's acceptance so far."""
 
-    # The engine-wide estimate starts at one pseudo-round at 1/2 per position, and weighs a request's own
-    # rounds against two pseudo-rounds at the engine-wide estimate: a handful of rounds decide.
+    # The engine-wide estimate starts at one pseudo-round at 1/2; a request's own rounds (about the last ten
+    # count) are weighed against one pseudo-round at the engine-wide first-position estimate.
     ENGINE_DECAY = 0.99
     REQUEST_DECAY = 0.9
-    PRIOR_STRENGTH = 2.0
+    PRIOR_STRENGTH = 1.0
 
     def __init__(self, max_gamma: int, probe_interval: int) -> None:
         self.max_gamma = max_gamma
@@ -75,6 +79,8 @@ class GammaPolicy:
         self.engine.update(drafted, accepted)
         tracker = self.requests.setdefault(req_id, AcceptanceTracker(self.max_gamma, self.REQUEST_DECAY))
         tracker.update(drafted, accepted)
+        if req_id in self._idle_steps and accepted == drafted:
+            self._idle_steps[req_id] = self.probe_interval - 1  # an accepted probe: probe again next step
 
     def forget(self, live_req_ids: set[str]) -> None:
         for req_id in [r for r in self.requests if r not in live_req_ids]:
@@ -84,9 +90,9 @@ class GammaPolicy:
 
     def accepted_at(self, req_id: str) -> list[float]:
         """The request's conditional acceptance per draft position (the engine's until it has rounds)."""
-        prior = self.engine.estimate([0.5] * self.max_gamma, 1.0)
+        engine = self.engine.estimate(0.5, 1.0)
         tracker = self.requests.get(req_id)
-        return tracker.estimate(prior, self.PRIOR_STRENGTH) if tracker else prior
+        return tracker.estimate(engine[0], self.PRIOR_STRENGTH) if tracker else engine
 
     def choose(
         self, req_id: str, cost: CostModel, batch: int, context: float, sparse_context: float
@@ -98,7 +104,16 @@ class GammaPolicy:
             return Decision(gamma, "paying")
         idle = self._idle_steps.get(req_id, 0) + 1
         if idle >= self.probe_interval:
-            self._idle_steps[req_id] = 0
-            return Decision(1, "probe")
+            probe = self._probe_gamma(cost, batch, context, sparse_context)
+            if probe:
+                self._idle_steps[req_id] = 0
+                return Decision(probe, "probe")
         self._idle_steps[req_id] = idle
         return Decision(0, "not_paying")
+
+    def _probe_gamma(self, cost: CostModel, batch: int, context: float, sparse_context: float) -> int:
+        """The fewest drafts that pay if every one is accepted (0: none would)."""
+        for gamma in range(1, self.max_gamma + 1):
+            if cost.speedup(batch, context, sparse_context, [1.0], gamma) > 1.0:
+                return gamma
+        return 0

@@ -1,0 +1,178 @@
+"""The adaptive gamma policy on synthetic costs and acceptance (pure, no vLLM): it never picks a gamma
+predicted slower than plain decoding, learns acceptance per position, stops drafting where it cannot pay,
+probes now and then, and starts again when acceptance comes back. Also the pieces the proposer feeds it:
+the per-step overhead, mixed-step costs, and saved cost profiles."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cost_model import CPU_VERIFY, DENSE, costs, verify_costs
+
+from vllm_std.calibration import StepOverhead
+from vllm_std.cost_model import CostModel, StepCost, VerifyCost
+from vllm_std.gamma_policy import AcceptanceTracker, GammaPolicy
+
+# A CPU-like engine: extra verify queries cost (query_growth 0.6), drafting reads 1/20 of the context.
+CPU = CostModel(DENSE, DENSE, CPU_VERIFY)
+CONTEXT, SPARSE = 32_000.0, 1_600.0
+
+
+def test_tracker_counts_reached_and_accepted_positions() -> None:
+    tracker = AcceptanceTracker(max_gamma=4, decay=1.0)
+    tracker.update(drafted=4, accepted=2)  # positions 0, 1 accepted; 2 reached and rejected; 3 not reached
+    assert tracker.reached == [1, 1, 1, 0]
+    assert tracker.accepted == [1, 1, 0, 0]
+    tracker.update(drafted=2, accepted=2)  # a shorter round, all accepted: position 2 not reached
+    assert tracker.reached == [2, 2, 1, 0]
+    assert tracker.accepted == [2, 2, 0, 0]
+    # Each position's counts plus two pseudo-rounds at the estimate of the position before.
+    assert tracker.estimate(0.5, strength=2.0) == pytest.approx([3 / 4, 7 / 8, 7 / 12, 7 / 12])
+
+
+def test_tracker_forgets_old_rounds() -> None:
+    tracker = AcceptanceTracker(max_gamma=1, decay=0.5)
+    tracker.update(1, 1)
+    tracker.update(1, 0)
+    assert tracker.reached == [1.5] and tracker.accepted == [0.5]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    costs,
+    costs,
+    verify_costs,
+    st.integers(1, 16),
+    st.floats(100, 200_000),
+    st.floats(0, 1),
+    st.lists(st.tuples(st.integers(1, 8), st.integers(0, 8)), max_size=12),
+    st.integers(1, 8),
+    st.integers(1, 5),
+)
+def test_decisions_never_predict_a_slowdown(
+    dense: StepCost,
+    draft: StepCost,
+    verify: VerifyCost,
+    batch: int,
+    context: float,
+    kept: float,
+    rounds: list[tuple[int, int]],
+    max_gamma: int,
+    probe_interval: int,
+) -> None:
+    """Whatever the costs and the history: "paying" is the fastest gamma and beats plain decoding;
+    "not_paying" means no gamma does; a probe comes exactly every `probe_interval` idle steps, with the fewest
+    drafts that would pay if all were accepted, and none where not even that would."""
+    cost = CostModel(dense, draft, verify)
+    policy = GammaPolicy(max_gamma, probe_interval)
+    for drafted, accepted in rounds:
+        policy.record("r", min(drafted, max_gamma), min(accepted, drafted, max_gamma))
+    accepted_at = policy.accepted_at("r")
+    speedups = [cost.speedup(batch, context, context * kept, accepted_at, g) for g in range(max_gamma + 1)]
+    perfect = [cost.speedup(batch, context, context * kept, [1.0], g) > 1.0 for g in range(max_gamma + 1)]
+    probe = perfect.index(True) if any(perfect) else 0
+    idle = 0
+    for _ in range(3 * probe_interval):
+        decision = policy.choose("r", cost, batch, context, context * kept)
+        if decision.reason == "paying":
+            assert decision.gamma > 0 and speedups[decision.gamma] == max(speedups) > 1.0
+            continue
+        assert max(speedups) <= 1.0
+        idle += 1
+        if idle >= probe_interval and probe:
+            assert (decision.gamma, decision.reason) == (probe, "probe")
+            idle = 0
+        else:
+            assert (decision.gamma, decision.reason) == (0, "not_paying")
+
+
+def _run(policy: GammaPolicy, cost: CostModel, accept: bool, steps: int) -> list[int]:
+    """Steps of one request whose drafts are all accepted (or all rejected); the gammas it drafted."""
+    gammas = []
+    for _ in range(steps):
+        gamma = policy.choose("r", cost, 1, CONTEXT, SPARSE).gamma
+        policy.record("r", gamma, gamma if accept else 0)
+        gammas.append(gamma)
+    return gammas
+
+
+def test_learns_to_draft_where_acceptance_is_high() -> None:
+    policy = GammaPolicy(max_gamma=8, probe_interval=4)
+    gammas = _run(policy, CPU, accept=True, steps=40)
+    assert gammas[-10:] == [gammas[-1]] * 10 and gammas[-1] >= 2
+    assert gammas[-1] == CPU.best_gamma(1, CONTEXT, SPARSE, [1.0], 8) or policy.accepted_at("r")[0] < 1
+
+
+def test_stops_drafting_where_acceptance_is_low_then_resumes() -> None:
+    """A changed pattern is noticed both ways: drafting stops within a few rounds of rejections, probes
+    continue every `probe_interval` steps, and accepted probes bring drafting back."""
+    policy = GammaPolicy(max_gamma=8, probe_interval=4)
+    _run(policy, CPU, accept=True, steps=40)
+    rejecting = _run(policy, CPU, accept=False, steps=40)
+    first_zero = rejecting.index(0)
+    assert first_zero <= 6
+    idle = rejecting[first_zero:]
+    probes = [i for i, gamma in enumerate(idle) if gamma]
+    assert set(idle) == {0, 1} and len(probes) >= 8
+    assert all(b - a == 4 for a, b in itertools.pairwise(probes))
+    accepting = _run(policy, CPU, accept=True, steps=40)
+    assert accepting[-1] >= 2
+
+
+def test_a_new_request_starts_from_the_engine_wide_acceptance() -> None:
+    policy = GammaPolicy(max_gamma=6, probe_interval=16)
+    assert policy.accepted_at("new") == [0.5] * 6  # nothing learnt yet
+    for _ in range(50):
+        policy.record("old", 6, 6)
+    assert min(policy.accepted_at("new")) > 0.9
+    policy.forget({"new"})
+    assert "old" not in policy.requests
+
+
+def test_never_drafts_where_verify_cannot_pay() -> None:
+    """Verify steps 100x a dense step: even perfect acceptance cannot pay, so nothing is drafted, not even
+    probes."""
+    slow_verify = VerifyCost(100 * DENSE.fixed, 0.0, 100 * DENSE.per_context_token, 0.0)
+    policy = GammaPolicy(max_gamma=6, probe_interval=8)
+    assert _run(policy, CostModel(DENSE, DENSE, slow_verify), accept=True, steps=64) == [0] * 64
+
+
+def test_overhead_makes_drafting_more_attractive_never_less() -> None:
+    """A per-step cost that dense and verify steps share raises every gamma's speedup (more tokens per
+    step amortise it), so a policy that has not measured it yet errs toward plain decoding."""
+    for gamma in range(1, 8):
+        base = CPU.speedup(1, CONTEXT, SPARSE, [0.7], gamma)
+        assert CPU.with_overhead(5e-3).speedup(1, CONTEXT, SPARSE, [0.7], gamma) > base
+
+
+def test_step_seconds_of_a_mixed_step() -> None:
+    dense_only = CPU.step_seconds([(1_000, 0), (3_000, 0)])
+    assert dense_only == pytest.approx(CPU.dense(2, 2_000))
+    verify_only = CPU.step_seconds([(2_000, 4), (2_000, 4)])
+    assert verify_only == pytest.approx(CPU.verify(2, 2_000, 4) - CPU.verify.fixed + CPU.dense.fixed)
+    mixed = CPU.step_seconds([(2_000, 0), (2_000, 4)])
+    assert dense_only < mixed < verify_only
+
+
+def test_step_overhead_is_the_median_residual_of_decode_steps() -> None:
+    overhead = StepOverhead()
+    assert overhead.seconds == 0.0
+    for _ in range(10):
+        overhead.observe(0.005, predicted_forward=0.003)
+    overhead.observe(30.0, predicted_forward=0.003)  # an idle gap between requests
+    overhead.observe(0.001, predicted_forward=0.003)  # never negative
+    assert overhead.seconds == pytest.approx(0.002)
+    assert StepOverhead.decode_rows([(100, 1, 90), (200, 5, 150)]) == [(101, 0), (205, 4)]
+    assert StepOverhead.decode_rows([(100, 1, 90), (0, 512, 1_000)]) is None  # a prefill chunk
+
+
+def test_cost_profile_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({**CPU.to_json(), "measured_with": {"model": "m"}}))
+    assert CostModel.load(path) == CPU
+    path.write_text(json.dumps({"dense": {}}))
+    with pytest.raises(ValueError, match="not a 'vllm-std cost profile v1' file"):
+        CostModel.load(path)

@@ -90,6 +90,9 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
     )
     assert std["kept_visual_fraction"][0] == len(report["history"])
     assert std["draft_seconds"][0] > 0 and std["prefill_scoring_seconds"][1] > 0
+    # Adaptive gamma is off: every drafting step of a scored request is reported as a fixed gamma.
+    assert std["gamma_decisions"]["fixed"] == std["gamma"][0] > 0
+    assert std["gamma"][1] == gamma * std["gamma"][0]
     if top_k == ALL_VISUAL:
         # The sparse drafter then computes the dense model's function.
         assert acceptance_rate(counters) >= 0.99

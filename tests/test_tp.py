@@ -39,6 +39,8 @@ from vllm_std.selection import select_blocks
 TP = 2
 TOP_K = 256
 SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": TOP_K, "adaptive": False}
+# Adaptive gamma from each rank's own start-up measurement: only rank 0's decisions may count.
+ADAPTIVE = {"method": "std", "num_speculative_tokens": 4, "top_k": TOP_K}
 ENGINE_ARGS = {"tensor_parallel_size": TP, "max_num_batched_tokens": 512}
 
 
@@ -66,13 +68,32 @@ def runs() -> Iterator[dict[str, Any]]:
             counters = spec_decode_counters(llm)
             metrics = std_metrics(llm)
             reports = drafter_reports(llm)
-    yield {"plain": plain, "std": std, "counters": counters, "metrics": metrics, "reports": reports}
+        with engine("qwen2_vl", speculative_config=ADAPTIVE, **ENGINE_ARGS) as llm:
+            adaptive = _run(llm)
+            decisions = std_metrics(llm)["gamma_decisions"]
+    yield {
+        "plain": plain,
+        "std": std,
+        "adaptive": adaptive,
+        "decisions": decisions,
+        "counters": counters,
+        "metrics": metrics,
+        "reports": reports,
+    }
 
 
 def test_tp2_std_matches_no_speculation(runs: dict[str, Any]) -> None:
     assert runs["std"] == runs["plain"]
     assert runs["counters"]["num_drafts"] > 0
     assert runs["counters"]["num_accepted_tokens"] > 0
+
+
+def test_tp2_adaptive_std_matches_no_speculation(runs: dict[str, Any]) -> None:
+    """Rank 0 chooses every draft length and the other rank drafts what it is sent: the ranks' forward
+    passes (which hold collectives) stay in lockstep, and the output is unchanged."""
+    assert runs["adaptive"] == runs["plain"]
+    assert runs["decisions"]["fixed"] == 0
+    assert sum(runs["decisions"].values()) > 0
 
 
 def test_every_rank_drafts_the_same_requests(runs: dict[str, Any]) -> None:

@@ -1,0 +1,81 @@
+"""Adaptive gamma end to end: whatever draft lengths the policy picks, the output is the output without
+speculation, and vLLM's counters and STD's metrics show what it picked and why.
+
+Timing decides the default policy's choices, so exact choices are asserted only under saved cost profiles
+that leave no room for timing: one where drafting is free (every request drafts gamma every step) and one
+where a verify step costs a thousand dense steps (nothing is drafted, not even a probe). The start-up
+measurement itself runs in the default case and in `test_tp.py` (two ranks, one deciding).
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import test_std_lossless
+from helpers import engine
+
+from vllm_std.cost_model import CostModel, StepCost, VerifyCost
+from vllm_std.metrics import spec_decode_counters, std_metrics
+
+GAMMA = 4
+DENSE = StepCost(fixed=1e-3, per_request=0.0, per_context_token=1e-7)
+FREE_DRAFTS = CostModel(
+    DENSE, StepCost(0.0, 0.0, 0.0), VerifyCost(DENSE.fixed, 0.0, DENSE.per_context_token, 0.0)
+)
+COSTLY_VERIFY = dataclasses.replace(
+    FREE_DRAFTS, verify=VerifyCost(1e3 * DENSE.fixed, 0.0, 1e3 * DENSE.per_context_token, 0.0)
+)
+
+
+def baseline() -> list[list[int]]:
+    """The lossless suite's engine without speculation (run once per test session)."""
+    return test_std_lossless.baseline("qwen2_vl", "float32")
+
+
+def _run(spec: dict[str, Any]) -> tuple[list[list[int]], dict[str, Any], dict[str, Any]]:
+    """The lossless suite's requests (its mixed batch, then a prefix-cache follow-up) under `spec`."""
+    args = test_std_lossless.ENGINE_ARGS["qwen2_vl"]
+    with engine("qwen2_vl", speculative_config=spec, **args) as llm:
+        return test_std_lossless._run(llm, "qwen2_vl"), spec_decode_counters(llm), std_metrics(llm)
+
+
+def _profile(tmp_path: Path, cost: CostModel) -> str:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(cost.to_json()))
+    return str(path)
+
+
+def test_default_adaptive_std_is_lossless() -> None:
+    """The defaults (start-up measurement): identical output; every step of every scored request got a
+    decision; no more was drafted than chosen."""
+    outputs, counters, std = _run({"method": "std", "num_speculative_tokens": GAMMA, "top_k": 256})
+    assert outputs == baseline()
+    decisions = std["gamma_decisions"]
+    assert decisions["fixed"] == 0
+    count, chosen = std["gamma"]
+    assert count == sum(decisions.values()) > 0
+    assert counters["num_draft_tokens"] <= chosen
+
+
+def test_where_drafting_is_free_every_request_drafts_gamma(tmp_path: Path) -> None:
+    outputs, counters, std = _run(
+        {"method": "std", "num_speculative_tokens": GAMMA, "cost_profile": _profile(tmp_path, FREE_DRAFTS)}
+    )
+    assert outputs == baseline()
+    decisions = std["gamma_decisions"]
+    assert decisions == {"fixed": 0, "paying": decisions["paying"], "probe": 0, "not_paying": 0}
+    count, chosen = std["gamma"]
+    assert count == decisions["paying"] > 0 and chosen == GAMMA * count
+    assert 0 < counters["num_drafts"] <= count
+
+
+def test_where_verify_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
+    outputs, counters, std = _run(
+        {"method": "std", "num_speculative_tokens": GAMMA, "cost_profile": _profile(tmp_path, COSTLY_VERIFY)}
+    )
+    assert outputs == baseline()
+    decisions = std["gamma_decisions"]
+    assert decisions == {"fixed": 0, "paying": 0, "probe": 0, "not_paying": decisions["not_paying"]}
+    assert decisions["not_paying"] > 0 and std["gamma"][1] == 0
+    assert counters.get("num_drafts", 0) == 0

@@ -11,17 +11,31 @@ from vllm_std.bench import Method, conditional_acceptance, fit_cost_model, metho
 from vllm_std.bench_report import markdown_table
 
 
-def test_methods_sweep_std_and_run_baselines_at_the_first_k() -> None:
-    plan = methods(["none", "std", "ngram", "streaming", "random"], [2, 4], [256, 1024])
-    labels = [m.label for m in plan]
-    assert labels[0] == "none"
-    assert {"std g2 K256", "std g2 K1024", "std g4 K256", "std g4 K1024", "ngram g4"} <= set(labels)
-    assert "streaming g4 K1024" not in labels and "random g2 K256" in labels
+def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
+    plan = methods(["none", "std", "adaptive", "ngram", "streaming", "random"], [2, 4], [256, 1024])
+    assert [m.label for m in plan] == [
+        "none",
+        "adaptive g<=4 K256",
+        "std g2 K256",
+        "std g4 K256",
+        "std g2 K1024",
+        "ngram g2",
+        "streaming g2 K256",
+        "random g2 K256",
+    ]
     assert Method("x", "streaming", 4, 256).speculative_config() == {
         "method": "std",
         "num_speculative_tokens": 4,
         "top_k": 256,
         "selection": "streaming",
+        "adaptive": False,
+    }
+    assert Method("x", "adaptive", 6, 256).speculative_config() == {
+        "method": "std",
+        "num_speculative_tokens": 6,
+        "top_k": 256,
+        "selection": "attention",
+        "adaptive": True,
     }
     assert Method("none", "none").speculative_config() is None
 
@@ -96,7 +110,7 @@ def test_bench_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     kinds = {r["kind"] for r in result["records"]}
-    assert kinds == {"none", "std", "ngram", "streaming", "random"}
+    assert kinds == {"none", "std", "adaptive", "ngram", "streaming", "random"}
     assert all(r["identical_to_no_speculation"] for r in result["records"])
     assert result["cost_model"] is not None
     assert (out / "bench.md").exists() and (out / "speedup_vs_gamma.png").exists()

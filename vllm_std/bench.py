@@ -17,11 +17,12 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
@@ -32,8 +33,8 @@ class Method:
     """A speculative config under a readable label (`None`: no speculation)."""
 
     label: str
-    kind: str  # "none", "std", "ngram", "streaming", "random"
-    gamma: int = 0
+    kind: str  # "none", "std", "adaptive", "ngram", "streaming", "random"
+    gamma: int = 0  # for "adaptive", the most drafted
     top_k: int = 0
 
     def speculative_config(self) -> dict[str, Any] | None:
@@ -41,12 +42,13 @@ class Method:
             return None
         if self.kind == "ngram":
             return {"method": "ngram", "num_speculative_tokens": self.gamma, "prompt_lookup_max": 4}
-        selection = "attention" if self.kind == "std" else self.kind
+        selection = self.kind if self.kind in ("streaming", "random") else "attention"
         return {
             "method": "std",
             "num_speculative_tokens": self.gamma,
             "top_k": self.top_k,
             "selection": selection,
+            "adaptive": self.kind == "adaptive",
         }
 
 
@@ -65,34 +67,65 @@ class Workload:
 
 
 def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Method]:
-    """Every method to run: STD over the gamma x K sweep; baselines at each gamma and the first K."""
+    """Every method to run: STD (fixed gamma) at each gamma with the first K and at each K with the first
+    gamma; the baselines at the first gamma and K; adaptive STD up to the largest gamma, at the first K."""
+    gamma, k = gammas[0], top_ks[0]
     out = [Method("none", "none")] if "none" in kinds else []
-    for gamma in gammas:
-        if "ngram" in kinds:
-            out.append(Method(f"ngram g{gamma}", "ngram", gamma))
-        for kind in ("std", "streaming", "random"):
-            if kind in kinds:
-                ks = top_ks if kind == "std" else top_ks[:1]
-                out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for k in ks]
+    if "adaptive" in kinds:
+        out.append(Method(f"adaptive g<={max(gammas)} K{k}", "adaptive", max(gammas), k))
+    if "std" in kinds:
+        sweep = dict.fromkeys([(g, k) for g in gammas] + [(gamma, kk) for kk in top_ks])
+        out += [Method(f"std g{g} K{kk}", "std", g, kk) for g, kk in sweep]
+    if "ngram" in kinds:
+        out.append(Method(f"ngram g{gamma}", "ngram", gamma))
+    baselines = [kind for kind in ("streaming", "random") if kind in kinds]
+    out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]
     return out
 
 
 # --- requests ------------------------------------------------------------------------------------------
 
 
-class SyntheticVideos:
-    """Questions about synthetic videos of about the requested number of visual tokens (the fixture's
-    processor decides the exact count; it is measured and reported)."""
+FrameSource = Callable[[int, int, int, int], np.ndarray]
+"""`(num_frames, height, width, seed) -> [num_frames, height, width, 3]` uint8 RGB."""
 
-    def __init__(self, model: str, question: str, frame_side: int) -> None:
+
+def file_frames(paths: list[str]) -> FrameSource:
+    """Frames from the user's video files (request i reads file i mod n), evenly spaced over the file and
+    resized, so that a workload's number of visual tokens is met from real footage."""
+    import cv2
+
+    def frames(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
+        capture = cv2.VideoCapture(paths[seed % len(paths)])
+        decoded = []
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            decoded.append(cv2.cvtColor(cv2.resize(frame, (width, height)), cv2.COLOR_BGR2RGB))
+        capture.release()
+        if not decoded:
+            raise SystemExit(f"vllm-std bench: cannot read frames from {paths[seed % len(paths)]}")
+        picks = np.linspace(0, len(decoded) - 1, num_frames).round().astype(int)
+        return np.stack([decoded[i] for i in picks])
+
+    return frames
+
+
+class VideoQuestions:
+    """A question about a video of about the requested number of visual tokens, synthetic or from files
+    (the model's processor decides the exact count; it is measured and reported)."""
+
+    def __init__(self, model: str, question: str, frame_side: int, frames: FrameSource | None = None) -> None:
         from vllm_std.fixtures.prompts import prompt_token_count, vllm_request
         from vllm_std.fixtures.video import synthetic_frames
 
         self.model, self.question, self.side = model, question, frame_side
-        self._request, self._frames = vllm_request, synthetic_frames
+        self._request = vllm_request
+        self._frames = frames or synthetic_frames
         probe = [
             prompt_token_count(
-                model, vllm_request(model, question, videos=[synthetic_frames(n, frame_side, frame_side)])
+                model, vllm_request(model, question, videos=[self._frames(n, frame_side, frame_side, 0)])
             )
             for n in (4, 8)
         ]
@@ -104,11 +137,29 @@ class SyntheticVideos:
 
     def requests(self, workload: Workload, seed: int) -> list[dict[str, Any]]:
         frames = self.frames_for(workload.visual_tokens)
+        side = self.side
         return [
-            self._request(
-                self.model, self.question, videos=[self._frames(frames, self.side, self.side, seed=seed + i)]
-            )
+            self._request(self.model, self.question, videos=[self._frames(frames, side, side, seed + i)])
             for i in range(workload.batch)
+        ]
+
+
+class LookupQuestions:
+    """The trained sparse fixture's task (`vllm_std.fixtures.sparse`): a video of one visual token per tile
+    and a question whose answer sits in one short marked clip; held-out episodes, one per request."""
+
+    tokens_per_frame = 0.5
+
+    def __init__(self, model: str) -> None:
+        from vllm_std.fixtures.prompts import prompt_token_count
+        from vllm_std.fixtures.sparse import sparse_request
+
+        self.model, self._request = model, sparse_request
+        self.text_tokens = prompt_token_count(model, sparse_request(model, 64)[0]) - 64
+
+    def requests(self, workload: Workload, seed: int) -> list[dict[str, Any]]:
+        return [
+            self._request(self.model, workload.visual_tokens, seed=seed + i)[0] for i in range(workload.batch)
         ]
 
 
@@ -259,11 +310,9 @@ def environment() -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_std.bench_report import write_report
-    from vllm_std.fixtures.models import tiny_model
 
-    model = args.model or str(tiny_model("qwen2_vl"))
+    model, videos = _workload_source(args)
     workloads = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
-    videos = SyntheticVideos(model, args.question, args.frame_side)
     max_model_len = int(max(args.visual_tokens) * 1.1 + videos.text_tokens + args.output_len + 256)
     records: list[dict[str, Any]] = []
     reference: dict[str, list[list[int]]] = {}
@@ -289,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
                     + record["prompt_tokens"]
                     - workload.visual_tokens
                 )
-                step_costs(record, method.gamma)
+                if method.kind != "adaptive":  # its draft length varies: no per-step cost to read
+                    step_costs(record, method.gamma)
                 records.append(record)
     none = {r["workload"]: r for r in records if r["kind"] == "none"}
     for r in records:
@@ -325,9 +375,34 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["identical_to_no_speculation"] for r in records) else 1
 
 
+def _workload_source(args: argparse.Namespace) -> tuple[str, "VideoQuestions | LookupQuestions"]:
+    """The model and its requests: the tiny random fixture (default), the trained sparse fixture
+    (`--model sparse`), or the user's model with synthetic videos or `--video` files."""
+    if args.model == "sparse":
+        from vllm_std.fixtures.sparse import sparse_model
+
+        model = str(sparse_model())
+        return model, LookupQuestions(model)
+    if args.model is None:
+        from vllm_std.fixtures.models import tiny_model
+
+        args.model = str(tiny_model("qwen2_vl"))
+    frames = file_frames(args.video) if args.video else None
+    return args.model, VideoQuestions(args.model, args.question, args.frame_side, frames)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    parser.add_argument("--model", help="checkpoint folder or hub id (default: the tiny Qwen2-VL fixture)")
+    parser.add_argument(
+        "--model",
+        help="checkpoint folder or hub id; `sparse` for the trained look-up fixture (default: the tiny "
+        "random-weight Qwen2-VL fixture)",
+    )
+    parser.add_argument(
+        "--video",
+        type=lambda s: s.split(","),
+        help="comma-separated video files to sample frames from instead of synthetic videos",
+    )
     parser.add_argument("--visual-tokens", type=ints, default=[1024, 4096], help="comma-separated")
     parser.add_argument("--batch", type=ints, default=[1, 4], help="comma-separated batch sizes")
     parser.add_argument("--gamma", type=ints, default=[4], help="comma-separated num_speculative_tokens")
@@ -335,8 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda s: s.split(","),
-        default=["none", "std", "ngram", "streaming", "random"],
-        help="comma-separated: none, std, ngram, streaming, random",
+        default=["none", "std", "adaptive", "ngram", "streaming", "random"],
+        help="comma-separated: none, std (fixed gamma), adaptive, ngram, streaming, random",
     )
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--question", default="What happens in the video?")

@@ -52,7 +52,8 @@ class STDConfig(BaseModel):
     """Choose each request's gamma (0 to num_speculative_tokens) at every step from the cost model and the
     request's acceptance so far, drafting nothing where no gamma is predicted to beat plain decoding."""
     probe_interval: Annotated[int, Field(ge=1)] = 16
-    """With `adaptive`, a request that stopped drafting drafts one token again after this many steps."""
+    """With `adaptive`, a request that stopped drafting probes (drafts the fewest tokens that would pay if all
+    were accepted) after this many steps, to notice when its acceptance has come back."""
     cost_profile: str | None = None
     """With `adaptive`, a saved cost profile (`vllm-std calibrate`) instead of the short measurement of
     draft, dense and verify steps that the workers otherwise make at start-up."""

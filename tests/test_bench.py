@@ -22,6 +22,7 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
         "ngram g2",
         "streaming g2 K256",
         "random g2 K256",
+        "none again",
     ]
     assert Method("x", "streaming", 4, 256).speculative_config() == {
         "method": "std",

@@ -80,6 +80,9 @@ def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Meth
         out.append(Method(f"ngram g{gamma}", "ngram", gamma))
     baselines = [kind for kind in ("streaming", "random") if kind in kinds]
     out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]
+    if "none" in kinds and len(out) > 1:
+        # No speculation once more, last: how far two runs of the same engine differ on this machine.
+        out.append(Method("none again", "none"))
     return out
 
 
@@ -341,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
                 if method.kind != "adaptive":  # its draft length varies: no per-step cost to read
                     step_costs(record, method.gamma)
                 records.append(record)
-    none = {r["workload"]: r for r in records if r["kind"] == "none"}
+    none = {r["workload"]: r for r in records if r["method"] == "none"}
     for r in records:
         if r["workload"] in none:
             r["speedup_tpot"] = none[r["workload"]]["tpot_seconds"] / r["tpot_seconds"]

@@ -33,30 +33,76 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(records: list[dict[str, Any]], x: str, group: str, path: Path, title: str) -> None:
-    """Measured (dots) and predicted (dashed) speedup of STD runs against `x`, one line per `group`."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot(
+    records: list[dict[str, Any]],
+    x: str,
+    group: tuple[str, ...],
+    path: Path,
+    title: str,
+    y: str = "speedup_tpot",
+    fixed: dict[str, Any] | None = None,
+) -> None:
+    """Fixed-gamma STD runs against `x`, one line per value of the `group` fields: measured `y` (dots) and,
+    for speedup, the cost model's prediction (dashed); only runs whose `fixed` fields have those values."""
     lines: dict[Any, list[dict[str, Any]]] = collections.defaultdict(list)
     for r in records:
-        if r["kind"] == "std" and "speedup_tpot" in r:
-            lines[r[group]].append(r)
+        if r["kind"] == "std" and r.get(y) is not None and all(r[k] == v for k, v in (fixed or {}).items()):
+            lines[" ".join(str(r[g]) for g in group)].append(r)
     if not lines or all(len({r[x] for r in rs}) < 2 for rs in lines.values()):
         return
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
         rs = sorted(rs, key=lambda r: r[x])
-        (line,) = ax.plot([r[x] for r in rs], [r["speedup_tpot"] for r in rs], "o-", label=f"{group} {key}")
+        (line,) = ax.plot([r[x] for r in rs], [r[y] for r in rs], "o-", label=key)
         predicted = [(r[x], r["predicted_speedup"]) for r in rs if "predicted_speedup" in r]
-        if predicted:
+        if predicted and y == "speedup_tpot":
             ax.plot(*zip(*predicted, strict=True), "--", color=line.get_color(), alpha=0.7)
-    ax.axhline(1.0, color="grey", lw=0.8)
+    if y == "speedup_tpot":
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylabel("speedup vs no speculation (solid: measured, dashed: cost model)")
+    else:
+        ax.set_ylabel(y.replace("_", " "))
     ax.set_xlabel(x)
-    ax.set_ylabel("speedup vs no speculation (solid: measured, dashed: cost model)")
     ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_methods(records: list[dict[str, Any]], path: Path) -> None:
+    """Per workload, each method family's speedup (its best run where it was swept): adaptive STD beside
+    the best fixed gamma, the baselines, and no speculation at 1."""
+    workloads = list(dict.fromkeys(r["workload"] for r in records))
+    best: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for r in records:
+        if "speedup_tpot" in r and r["kind"] != "none":
+            cell = best[r["kind"]]
+            cell[r["workload"]] = max(cell.get(r["workload"], 0.0), r["speedup_tpot"])
+    if not best:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(best)
+    for i, (kind, cells) in enumerate(best.items()):
+        xs = [j + i * width for j in range(len(workloads))]
+        label = "std (best fixed gamma, K)" if kind == "std" else kind
+        ax.bar(xs, [cells.get(w, 0.0) for w in workloads], width, label=label)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))], workloads)
+    ax.set_xlabel("workload (visual tokens x batch)")
+    ax.set_ylabel("speedup vs no speculation (time per output token)")
+    ax.set_title("Methods side by side")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -71,13 +117,49 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "speculation (cost model's prediction in brackets).\n\n"
     )
     (out / "bench.md").write_text(header + markdown_table(records))
-    _plot(records, "gamma", "workload", out / "speedup_vs_gamma.png", "STD: speedup vs gamma")
-    _plot(records, "top_k", "workload", out / "speedup_vs_top_k.png", "STD: speedup vs K")
+    _plot_methods(records, out / "methods.png")
+    std = [r for r in records if r["kind"] == "std"]
+    if not std:
+        return
+    # The sweeps of `vllm_std.bench.methods`: gamma at the first K, K at the first gamma.
+    first = {"gamma": std[0]["gamma"], "top_k": std[0]["top_k"]}
+    workload, method = ("visual_tokens", "batch"), ("method",)
+    _plot(
+        records,
+        "gamma",
+        workload,
+        out / "speedup_vs_gamma.png",
+        "STD: speedup vs gamma",
+        fixed={"top_k": first["top_k"]},
+    )
+    _plot(
+        records,
+        "top_k",
+        workload,
+        out / "speedup_vs_top_k.png",
+        "STD: speedup vs K",
+        fixed={"gamma": first["gamma"]},
+    )
+    _plot(
+        records,
+        "top_k",
+        workload,
+        out / "acceptance_vs_top_k.png",
+        "STD: acceptance vs K",
+        y="acceptance_rate",
+        fixed={"gamma": first["gamma"]},
+    )
     _plot(
         records,
         "visual_tokens",
-        "batch",
+        (*method, "batch"),
         out / "speedup_vs_visual_tokens.png",
         "STD: speedup vs video length",
     )
-    _plot(records, "batch", "visual_tokens", out / "speedup_vs_batch.png", "STD: speedup vs batch size")
+    _plot(
+        records,
+        "batch",
+        (*method, "visual_tokens"),
+        out / "speedup_vs_batch.png",
+        "STD: speedup vs batch size",
+    )

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
+from vllm_std.gamma_policy import REASONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +182,9 @@ def snapshot(llm: Any) -> dict[str, Any]:
             out[m.name] = [a + b for a, b in zip(previous, m.values, strict=True)]
         else:
             out[m.name] = out.get(m.name, 0) + m.value
+            if "decision" in m.labels:  # STD's decisions, also kept by reason
+                name = f"{m.name}:{m.labels['decision']}"
+                out[name] = out.get(name, 0) + m.value
     return out
 
 
@@ -215,6 +219,7 @@ def measure(llm: Any, requests: list[dict[str, Any]], output_len: int) -> dict[s
     accepted = delta(after, before, "vllm:spec_decode_num_accepted_tokens") or 0
     per_pos = delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos") or []
     draft_time = delta(after, before, "vllm:std_draft_seconds") or (0, 0.0)
+    chosen = delta(after, before, "vllm:std_gamma") or (0, 0.0)
     prompt_tokens = [len(o.prompt_token_ids) for o in outputs]
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
@@ -231,6 +236,10 @@ def measure(llm: Any, requests: list[dict[str, Any]], output_len: int) -> dict[s
         "accepted_at": conditional_acceptance([n / drafts for n in per_pos]) if drafts else [],
         "draft_steps": draft_time[0],
         "draft_seconds": draft_time[1],
+        "mean_chosen_gamma": chosen[1] / chosen[0] if chosen[0] else None,
+        "gamma_decisions": {
+            reason: delta(after, before, f"vllm:std_gamma_decisions:{reason}") for reason in REASONS
+        },
     }
 
 
@@ -317,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
     model, videos = _workload_source(args)
     workloads = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
     max_model_len = int(max(args.visual_tokens) * 1.1 + videos.text_tokens + args.output_len + 256)
+    # By default a workload's prompts all prefill in its first step, so that every later step is a pure
+    # decode step (what the step costs and the cost model describe), as in the paper's measurements.
+    batched_tokens = args.max_num_batched_tokens or max_model_len * max(args.batch)
     records: list[dict[str, Any]] = []
     reference: dict[str, list[list[int]]] = {}
     plan = methods(args.methods, args.gamma, args.top_k)
@@ -325,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             dtype=args.dtype,
             max_model_len=max_model_len,
+            max_num_batched_tokens=batched_tokens,
             limit_mm_per_prompt={"video": 1},
             speculative_config=method.speculative_config(),
         ) as llm:
@@ -417,6 +430,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated: none, std (fixed gamma), adaptive, ngram, streaming, random",
     )
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="vLLM's prefill budget per step (default: a whole workload, so that decode steps are pure)",
+    )
     parser.add_argument("--question", default="What happens in the video?")
     parser.add_argument("--frame-side", type=int, default=224)
     parser.add_argument("--dtype", default="float32")

@@ -69,7 +69,7 @@ def _plot(
             ax.plot(*zip(*predicted, strict=True), "--", color=line.get_color(), alpha=0.7)
     if y == "speedup_tpot":
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_ylabel("speedup vs no speculation (solid: measured, dashed: cost model)")
+        ax.set_ylabel("speedup (solid: measured, dashed: cost model)")
     else:
         ax.set_ylabel(y.replace("_", " "))
     ax.set_xlabel(x)

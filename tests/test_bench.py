@@ -23,6 +23,7 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
         "streaming g2 K256",
         "random g2 K256",
         "none again",
+        "adaptive g<=4 K256 again",
     ]
     assert Method("x", "streaming", 4, 256).speculative_config() == {
         "method": "std",

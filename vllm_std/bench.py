@@ -82,8 +82,10 @@ def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Meth
     baselines = [kind for kind in ("streaming", "random") if kind in kinds]
     out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]
     if "none" in kinds and len(out) > 1:
-        # No speculation once more, last: how far two runs of the same engine differ on this machine.
+        # No speculation (and adaptive STD) once more, last: how far two runs of the same engine differ on
+        # this machine, and how far adaptive STD's timing-driven choices differ between runs.
         out.append(Method("none again", "none"))
+        out += [dataclasses.replace(m, label=f"{m.label} again") for m in out if m.kind == "adaptive"]
     return out
 
 

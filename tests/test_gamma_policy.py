@@ -140,6 +140,15 @@ def test_never_drafts_where_verify_cannot_pay() -> None:
     assert _run(policy, CostModel(DENSE, DENSE, slow_verify), accept=True, steps=64) == [0] * 64
 
 
+def test_per_draft_overhead_makes_drafting_less_attractive() -> None:
+    """What each verified draft costs outside the forward pass counts against every gamma, more the longer."""
+    slowed = CPU.with_overhead(0.0, per_draft=1e-3)
+    for gamma in range(1, 8):
+        assert slowed.verify(2, CONTEXT, gamma) == pytest.approx(CPU.verify(2, CONTEXT, gamma) + 2e-3 * gamma)
+        before = CPU.speedup(1, CONTEXT, SPARSE, [0.7], gamma)
+        assert slowed.speedup(1, CONTEXT, SPARSE, [0.7], gamma) < before
+
+
 def test_overhead_makes_drafting_more_attractive_never_less() -> None:
     """A per-step cost that dense and verify steps share raises every gamma's speedup (more tokens per
     step amortise it), so a policy that has not measured it yet errs toward plain decoding."""
@@ -159,12 +168,17 @@ def test_step_seconds_of_a_mixed_step() -> None:
 
 def test_step_overhead_is_the_median_residual_of_decode_steps() -> None:
     overhead = StepOverhead()
-    assert overhead.seconds == 0.0
+    assert (overhead.fixed, overhead.per_draft) == (0.0, 0.0)
     for _ in range(10):
-        overhead.observe(0.005, predicted_forward=0.003)
-    overhead.observe(30.0, predicted_forward=0.003)  # an idle gap between requests
-    overhead.observe(0.001, predicted_forward=0.003)  # never negative
-    assert overhead.seconds == pytest.approx(0.002)
+        overhead.observe(0.005, predicted_forward=0.003, drafts=0)
+    overhead.observe(30.0, predicted_forward=0.003, drafts=0)  # an idle gap between requests
+    overhead.observe(0.001, predicted_forward=0.003, drafts=0)  # never negative
+    assert overhead.fixed == pytest.approx(0.002)
+    # Steps verifying drafts: what they cost beyond the fixed part, per verified draft.
+    for drafts in (2, 4, 8):
+        overhead.observe(0.003 + 0.002 + 1e-4 * drafts, predicted_forward=0.003, drafts=drafts)
+    assert overhead.fixed == pytest.approx(0.002)
+    assert overhead.per_draft == pytest.approx(1e-4)
     assert StepOverhead.decode_rows([(100, 1, 90), (200, 5, 150)]) == [(101, 0), (205, 4)]
     assert StepOverhead.decode_rows([(100, 1, 90), (0, 512, 1_000)]) is None  # a prefill chunk
 

@@ -90,19 +90,32 @@ class StartupCalibration:
 class StepOverhead:
     """Seconds per target step beyond its forward pass, from the steps actually served: the time between
     the end of one drafting round and the start of the next, less the forward pass the calibrated model
-    predicts for that step. The median of recent steps, so an idle gap between requests does not count."""
+    predicts for that step. Two parts: a fixed part (scheduling, input preparation, sampling), from steps
+    that verify no drafts, and a part per verified draft (vLLM's speculative bookkeeping and rejection
+    sampling), from steps that verify some. Each is a median over recent steps, so an idle gap between
+    requests does not count."""
 
     WINDOW = 64
 
     def __init__(self) -> None:
-        self._samples: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._plain: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._verify: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.WINDOW)
 
-    def observe(self, seconds: float, predicted_forward: float) -> None:
-        self._samples.append(max(seconds - predicted_forward, 0.0))
+    def observe(self, seconds: float, predicted_forward: float, drafts: int) -> None:
+        residual = max(seconds - predicted_forward, 0.0)
+        if drafts:
+            self._verify.append((residual, drafts))
+        else:
+            self._plain.append(residual)
 
     @property
-    def seconds(self) -> float:
-        return statistics.median(self._samples) if self._samples else 0.0
+    def fixed(self) -> float:
+        return statistics.median(self._plain) if self._plain else 0.0
+
+    @property
+    def per_draft(self) -> float:
+        fixed = self.fixed
+        return statistics.median(max(r - fixed, 0.0) / d for r, d in self._verify) if self._verify else 0.0
 
     @staticmethod
     def decode_rows(rows: Sequence[tuple[int, int, int]]) -> list[tuple[float, int]] | None:

@@ -42,16 +42,18 @@ class StepCost:
 @dataclasses.dataclass(frozen=True)
 class VerifyCost:
     """Seconds of a verify step over `g + 1` query tokens per request: `fixed + per_query * B * (g + 1) +
-    per_context_token * B * L * (1 + query_growth * g)`."""
+    per_draft * B * g + per_context_token * B * L * (1 + query_growth * g)`. `per_draft` is what a verified
+    draft costs outside the forward pass (measured while serving, 0 in a fitted forward-pass model)."""
 
     fixed: float
     per_query: float
     per_context_token: float
     query_growth: float
+    per_draft: float = 0.0
 
     def __call__(self, batch: int, context: float, gamma: int) -> float:
         attention = self.per_context_token * batch * context * (1 + self.query_growth * gamma)
-        return self.fixed + self.per_query * batch * (gamma + 1) + attention
+        return self.fixed + self.per_query * batch * (gamma + 1) + self.per_draft * batch * gamma + attention
 
 
 def fit_step_cost(batch: Sequence[int], context: Sequence[float], seconds: Sequence[float]) -> StepCost:
@@ -99,13 +101,16 @@ class CostModel:
     draft: StepCost
     verify: VerifyCost
 
-    def with_overhead(self, seconds: float) -> "CostModel":
-        """The same model with `seconds` more per target step (dense or verify), such as the engine's
-        scheduling and sampling around a forward pass that a forward-only calibration cannot see."""
+    def with_overhead(self, seconds: float, per_draft: float = 0.0) -> "CostModel":
+        """The same model with `seconds` more per target step (dense or verify) and `per_draft` more per
+        verified draft: what the engine spends around a forward pass (scheduling, sampling, speculative
+        bookkeeping), which a forward-only calibration cannot see."""
         return dataclasses.replace(
             self,
             dense=dataclasses.replace(self.dense, fixed=self.dense.fixed + seconds),
-            verify=dataclasses.replace(self.verify, fixed=self.verify.fixed + seconds),
+            verify=dataclasses.replace(
+                self.verify, fixed=self.verify.fixed + seconds, per_draft=self.verify.per_draft + per_draft
+            ),
         )
 
     def step_seconds(self, rows: Sequence[tuple[float, int]]) -> float:

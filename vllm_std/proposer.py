@@ -174,7 +174,8 @@ class STDProposer:
             if drafted and sampled:
                 self.policy.record(req_id, drafted, len(sampled) - 1)
         if self._round_end is not None and self._step_rows is not None:
-            self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows))
+            drafts = sum(d for _, d in self._step_rows)
+            self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows), drafts)
 
     def propose(
         self,
@@ -248,7 +249,7 @@ class STDProposer:
             return self.view.broadcast_from_rank0(None)
         else:
             assert self.cost is not None
-            cost = self.cost.with_overhead(self.overhead.seconds)
+            cost = self.cost.with_overhead(self.overhead.fixed, self.overhead.per_draft)
             batch, block_size = len(self.view.batch_req_ids()), self.view.block_size
             decisions = []
             for _, req_id, n in eligible:

@@ -69,28 +69,17 @@ verify_costs = st.builds(
 )
 
 
+cost_models = st.builds(CostModel, costs, costs, verify_costs)
+situations = st.tuples(st.integers(1, 16), st.floats(100, 200_000), st.floats(0, 1))
+"""(batch, context, fraction of the context the drafter reads)"""
+
+
 @settings(max_examples=300, deadline=None, database=None)
-@given(
-    costs,
-    costs,
-    verify_costs,
-    st.integers(1, 16),
-    st.floats(100, 200_000),
-    st.floats(0, 1),
-    st.lists(st.floats(0, 1), min_size=1, max_size=8),
-    st.integers(0, 16),
-)
+@given(cost_models, situations, st.lists(st.floats(0, 1), min_size=1, max_size=8), st.integers(0, 16))
 def test_best_gamma_never_predicts_a_slowdown(
-    dense: StepCost,
-    draft: StepCost,
-    verify: VerifyCost,
-    batch: int,
-    context: float,
-    kept: float,
-    accepted_at: list[float],
-    max_gamma: int,
+    model: CostModel, situation: tuple[int, float, float], accepted_at: list[float], max_gamma: int
 ) -> None:
-    model = CostModel(dense, draft, verify)
+    batch, context, kept = situation
     sparse = context * kept
     best = model.best_gamma(batch, context, sparse, accepted_at, max_gamma)
     assert 0 <= best <= max_gamma

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cost_model import CPU_VERIFY, DENSE, costs, verify_costs
+from test_cost_model import CPU_VERIFY, DENSE, cost_models, situations
 
 from vllm_std.calibration import StepOverhead
-from vllm_std.cost_model import CostModel, StepCost, VerifyCost
+from vllm_std.cost_model import CostModel, VerifyCost
 from vllm_std.gamma_policy import AcceptanceTracker, GammaPolicy
 
 # A CPU-like engine: extra verify queries cost (query_growth 0.6), drafting reads 1/20 of the context.
@@ -42,23 +42,15 @@ def test_tracker_forgets_old_rounds() -> None:
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(
-    costs,
-    costs,
-    verify_costs,
-    st.integers(1, 16),
-    st.floats(100, 200_000),
-    st.floats(0, 1),
+    cost_models,
+    situations,
     st.lists(st.tuples(st.integers(1, 8), st.integers(0, 8)), max_size=12),
     st.integers(1, 8),
     st.integers(1, 5),
 )
 def test_decisions_never_predict_a_slowdown(
-    dense: StepCost,
-    draft: StepCost,
-    verify: VerifyCost,
-    batch: int,
-    context: float,
-    kept: float,
+    cost: CostModel,
+    situation: tuple[int, float, float],
     rounds: list[tuple[int, int]],
     max_gamma: int,
     probe_interval: int,
@@ -66,7 +58,7 @@ def test_decisions_never_predict_a_slowdown(
     """Whatever the costs and the history: "paying" is the fastest gamma and beats plain decoding;
     "not_paying" means no gamma does; a probe comes exactly every `probe_interval` idle steps, with the fewest
     drafts that would pay if all were accepted, and none where not even that would."""
-    cost = CostModel(dense, draft, verify)
+    batch, context, kept = situation
     policy = GammaPolicy(max_gamma, probe_interval)
     for drafted, accepted in rounds:
         policy.record("r", min(drafted, max_gamma), min(accepted, drafted, max_gamma))

@@ -3,7 +3,10 @@ speculation, and vLLM's counters and STD's metrics show what it picked and why.
 
 Timing decides the default policy's choices, so exact choices are asserted only under saved cost profiles
 that leave no room for timing: one where drafting is free (every request drafts gamma every step) and one
-where a verify step costs a thousand dense steps (nothing is drafted, not even a probe). The start-up
+where a verify step costs a thousand dense steps (nothing is drafted, not even a probe). Both predict a
+dense step of a thousand seconds, so the overhead learnt while serving (what a target step takes beyond its
+predicted forward pass: nothing here; what a draft step takes beyond a free forward pass: milliseconds) is
+too small to tip a decision. The start-up
 measurement itself runs in the default case and in `test_tp.py` (two ranks, one deciding).
 """
 
@@ -19,7 +22,7 @@ from vllm_std.cost_model import CostModel, StepCost, VerifyCost
 from vllm_std.metrics import spec_decode_counters, std_metrics
 
 GAMMA = 4
-DENSE = StepCost(fixed=1e-3, per_request=0.0, per_context_token=1e-7)
+DENSE = StepCost(fixed=1e3, per_request=0.0, per_context_token=1e-7)
 FREE_DRAFTS = CostModel(
     DENSE, StepCost(0.0, 0.0, 0.0), VerifyCost(DENSE.fixed, 0.0, DENSE.per_context_token, 0.0)
 )

@@ -107,7 +107,7 @@ def test_bench_command(tmp_path: Path) -> None:
         "--batch",
         "1,2",
     ]
-    cmd += ["--gamma", "2,4", "--top-k", "256", "--output-len", "16", "--out", str(out)]
+    cmd += ["--gamma", "2,4", "--top-k", "256", "--output-len", "16", "--repeats", "2", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())

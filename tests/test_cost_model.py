@@ -1,7 +1,8 @@
 """The cost model's pure parts: fitting recovers known costs, predictions follow the round arithmetic, and
-the gamma it picks never predicts a slowdown."""
+the draft lengths it plans for a batch are the fastest and never predict a slowdown."""
 
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from vllm_std.cost_model import (
     BandwidthModel,
     CostModel,
+    RoundRow,
     StepCost,
     VerifyCost,
     fit_step_cost,
@@ -74,18 +76,53 @@ situations = st.tuples(st.integers(1, 16), st.floats(100, 200_000), st.floats(0,
 """(batch, context, fraction of the context the drafter reads)"""
 
 
+acceptances = st.lists(st.floats(0, 1), min_size=1, max_size=4)
+round_rows = st.tuples(st.floats(100, 200_000), st.floats(0, 1), st.one_of(st.none(), acceptances)).map(
+    lambda r: (r[0], r[0] * r[1], r[2])
+)
+"""(context, context the drafter reads, acceptance per position or None for a request that cannot draft)"""
+
+
 @settings(max_examples=300, deadline=None, database=None)
-@given(cost_models, situations, st.lists(st.floats(0, 1), min_size=1, max_size=8), st.integers(0, 16))
-def test_best_gamma_never_predicts_a_slowdown(
-    model: CostModel, situation: tuple[int, float, float], accepted_at: list[float], max_gamma: int
+@given(cost_models, st.lists(round_rows, min_size=1, max_size=3), st.integers(0, 3))
+def test_plan_is_the_fastest_round_and_never_a_slowdown(
+    model: CostModel, rows: list[RoundRow], max_gamma: int
 ) -> None:
+    """Against every combination of draft lengths: the plan is the fastest (up to rounding), at least as
+    fast as plain decoding, all zeros unless something beats it, and never drafts where a request cannot."""
+    plan = model.plan(rows, max_gamma)
+    plain = model.rate(rows, [0] * len(rows))
+    choices = [range(max_gamma + 1) if accepted_at is not None else [0] for *_, accepted_at in rows]
+    fastest = max(model.rate(rows, list(gammas)) for gammas in itertools.product(*choices))
+    assert all(0 <= g <= max_gamma for g in plan)
+    assert all(g == 0 for g, (*_, accepted_at) in zip(plan, rows, strict=True) if accepted_at is None)
+    assert model.rate(rows, plan) == pytest.approx(fastest, rel=1e-9)
+    assert model.rate(rows, plan) >= plain
+    if fastest <= plain * (1 + 1e-9):
+        assert plan == [0] * len(rows)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(cost_models, situations, acceptances, st.integers(0, 8))
+def test_a_uniform_round_is_the_speedup(
+    model: CostModel, situation: tuple[int, float, float], accepted_at: list[float], gamma: int
+) -> None:
+    """A batch of alike requests all drafting `gamma`: the batch rate's gain is the per-request speedup."""
     batch, context, kept = situation
-    sparse = context * kept
-    best = model.best_gamma(batch, context, sparse, accepted_at, max_gamma)
-    assert 0 <= best <= max_gamma
-    chosen = model.speedup(batch, context, sparse, accepted_at, best)
-    assert chosen >= 1.0
-    assert all(chosen >= model.speedup(batch, context, sparse, accepted_at, g) for g in range(max_gamma + 1))
+    rows = [(context, context * kept, accepted_at)] * batch
+    gain = model.rate(rows, [gamma] * batch) / model.rate(rows, [0] * batch)
+    assert gain == pytest.approx(model.speedup(batch, context, context * kept, accepted_at, gamma), rel=1e-9)
+
+
+def test_a_shared_round_weighs_the_whole_batch() -> None:
+    """Draft steps and the verify step are shared: a request that pays alone does not when three requests
+    that cannot draft would wait for its drafts, and of two requests only the one that is accepted drafts."""
+    model = CostModel(DENSE, StepCost(2e-3, 2e-4, 3e-7), CPU_VERIFY)
+    likely, unlikely, waiting = (32_000, 1_600, [0.9]), (32_000, 1_600, [0.1]), (32_000, 32_000, None)
+    assert model.plan([likely], 6) == [2]
+    assert model.plan([likely, waiting, waiting, waiting], 6) == [0, 0, 0, 0]
+    assert model.plan([likely, unlikely], 6) == [2, 0]
+    assert model.plan([unlikely], 6) == [0]
 
 
 def test_bandwidth_model_of_the_papers_setting() -> None:
@@ -94,6 +131,6 @@ def test_bandwidth_model_of_the_papers_setting() -> None:
     outweigh them: long videos and batches, not one short request."""
     gpu = BandwidthModel(weight_bytes=15.2e9, kv_bytes_per_token=57_344, bandwidth=3.35e12).cost_model()
     assert gpu.verify(1, 64_000, 8) == pytest.approx(gpu.dense(1, 64_000))
-    assert gpu.best_gamma(8, 140_000, 1_024, [0.8], 12) > 0
+    assert min(gpu.plan([(140_000, 1_024, [0.8])] * 8, 12)) > 0
     assert gpu.speedup(8, 140_000, 1_024, [0.8], 6) > 1.5
-    assert gpu.best_gamma(1, 4_000, 1_024, [0.8], 12) == 0
+    assert gpu.plan([(4_000, 1_024, [0.8])], 12) == [0]

@@ -280,7 +280,8 @@ def test_compacted_view_reads_exactly_the_kept_positions_while_decoding(
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
 @given(cases())
 def test_kept_visual_tokens_are_the_visual_positions_of_the_kept_blocks(case: Case) -> None:
-    """The figure behind `vllm:std_kept_visual_tokens_total`, counted position by position per layer."""
+    """The figure behind `vllm:std_kept_visual_tokens_total`, and the context a draft step reads (what the
+    cost model prices), counted position by position per layer."""
     prompt, _, k = case
     visual = prompt.visual()
     num_candidates = int(candidate_blocks(visual, prompt.block_size).sum())
@@ -293,6 +294,8 @@ def test_kept_visual_tokens_are_the_visual_positions_of_the_kept_blocks(case: Ca
         assert selection.num_kept_visual_tokens(prompt.block_size) == int(
             (visual & torch.isin(block_of, row)).sum()
         )
+        read = int((~visual | torch.isin(block_of, row)).sum())
+        assert selection.drafter_context(prompt.num_tokens + 5, prompt.block_size) == read + 5
 
 
 def test_streaming_baseline_keeps_the_most_recent_visual_blocks() -> None:

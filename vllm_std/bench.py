@@ -203,14 +203,15 @@ def delta(after: dict[str, Any], before: dict[str, Any], name: str) -> Any:
     return a - (b or 0)
 
 
-def measure(llm: Any, requests: list[dict[str, Any]], output_len: int) -> dict[str, Any]:
-    """One workload on one engine: outputs, time per output token, acceptance and STD's drafting time."""
+def measure(llm: Any, batches: list[list[dict[str, Any]]], output_len: int) -> dict[str, Any]:
+    """One workload on one engine, its batches run one after another and pooled: outputs, time per output
+    token, acceptance and STD's drafting time."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     before = snapshot(llm)
     start = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
+    outputs = [o for requests in batches for o in llm.generate(requests, params, use_tqdm=False)]
     wall = time.perf_counter() - start
     after = snapshot(llm)
 
@@ -343,9 +344,11 @@ def run(args: argparse.Namespace) -> int:
             limit_mm_per_prompt={"video": 1},
             speculative_config=method.speculative_config(),
         ) as llm:
-            measure(llm, videos.requests(Workload(256, 1), seed=10**6), 8)  # warm-up
+            measure(llm, [videos.requests(Workload(256, 1), seed=10**6)], 8)  # warm-up
             for i, workload in enumerate(tqdm(workloads, desc=method.label, leave=False)):
-                record = measure(llm, videos.requests(workload, seed=1000 * i), args.output_len)
+                seeds = [1000 * (i * args.repeats + r) for r in range(args.repeats)]
+                batches = [videos.requests(workload, seed=seed) for seed in seeds]
+                record = measure(llm, batches, args.output_len)
                 token_ids = record.pop("token_ids")
                 reference.setdefault(workload.label, token_ids)
                 record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
@@ -432,6 +435,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated: none, std (fixed gamma), adaptive, ngram, streaming, random",
     )
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="batches per workload, each of other videos (the same for every method); figures pool them",
+    )
     parser.add_argument(
         "--max-num-batched-tokens",
         type=int,

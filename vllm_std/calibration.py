@@ -92,14 +92,16 @@ class StepOverhead:
     the end of one drafting round and the start of the next, less the forward pass the calibrated model
     predicts for that step. Two parts: a fixed part (scheduling, input preparation, sampling), from steps
     that verify no drafts, and a part per verified draft (vLLM's speculative bookkeeping and rejection
-    sampling), from steps that verify some. Each is a median over recent steps, so an idle gap between
-    requests does not count."""
+    sampling), from steps that verify some. Likewise per draft step, what a drafting round takes beyond its
+    predicted forward passes (block tables, metadata, argmax). Each is a median over recent steps, so an
+    idle gap between requests does not count."""
 
     WINDOW = 64
 
     def __init__(self) -> None:
         self._plain: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self._verify: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.WINDOW)
+        self._draft_steps: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
 
     def observe(self, seconds: float, predicted_forward: float, drafts: int) -> None:
         residual = max(seconds - predicted_forward, 0.0)
@@ -107,6 +109,15 @@ class StepOverhead:
             self._verify.append((residual, drafts))
         else:
             self._plain.append(residual)
+
+    def observe_drafting(self, seconds: float, predicted: tuple[float, int]) -> None:
+        """A drafting round that took `seconds` against `(forward seconds, draft steps)` predicted."""
+        forward, steps = predicted
+        self._draft_steps.append(max(seconds - forward, 0.0) / steps)
+
+    @property
+    def per_draft_step(self) -> float:
+        return statistics.median(self._draft_steps) if self._draft_steps else 0.0
 
     @property
     def fixed(self) -> float:

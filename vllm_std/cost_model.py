@@ -14,6 +14,10 @@ but computes attention for g + 1 queries: `query_growth` says how much of that s
 a GPU, where extra queries are nearly free; 1: compute-bound, as on one CPU core, where they cost g + 1
 times as much). All coefficients are fitted from measurements on the machine at hand (`fit_step_cost`),
 never assumed.
+
+In a batch the rounds are shared: every request waits for the batch's longest draft and for the one verify
+step, so a draft length is chosen for the batch (`CostModel.plan`): per request, the lengths that maximise
+the batch's predicted tokens per second, none unless that beats plain decoding.
 """
 
 import dataclasses
@@ -25,6 +29,10 @@ from typing import Any
 import numpy as np
 
 PROFILE_FORMAT = "vllm-std cost profile v1"
+
+RoundRow = tuple[float, float, Sequence[float] | None]
+"""One request of a batch's round: its context, the context its drafter reads, and its conditional acceptance
+per draft position (None for a request that cannot draft this round)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +109,17 @@ class CostModel:
     draft: StepCost
     verify: VerifyCost
 
-    def with_overhead(self, seconds: float, per_draft: float = 0.0) -> "CostModel":
-        """The same model with `seconds` more per target step (dense or verify) and `per_draft` more per
-        verified draft: what the engine spends around a forward pass (scheduling, sampling, speculative
-        bookkeeping), which a forward-only calibration cannot see."""
+    def with_overhead(
+        self, seconds: float, per_draft: float = 0.0, per_draft_step: float = 0.0
+    ) -> "CostModel":
+        """The same model with `seconds` more per target step (dense or verify), `per_draft` more per
+        verified draft and `per_draft_step` more per draft step: what the engine and the drafter spend
+        around a forward pass (scheduling, sampling, speculative bookkeeping, block tables), which a
+        forward-only calibration cannot see."""
         return dataclasses.replace(
             self,
             dense=dataclasses.replace(self.dense, fixed=self.dense.fixed + seconds),
+            draft=dataclasses.replace(self.draft, fixed=self.draft.fixed + per_draft_step),
             verify=dataclasses.replace(
                 self.verify, fixed=self.verify.fixed + seconds, per_draft=self.verify.per_draft + per_draft
             ),
@@ -115,14 +127,66 @@ class CostModel:
 
     def step_seconds(self, rows: Sequence[tuple[float, int]]) -> float:
         """A target step over requests `(context, drafts verified)`, mixing one-token and verify rows: the
-        dense step's fixed part plus each row's share of its own kind of step."""
-        seconds = self.dense.fixed
-        for context, drafts in rows:
-            if drafts:
-                seconds += self.verify(1, context, drafts) - self.verify.fixed
-            else:
-                seconds += self.dense(1, context) - self.dense.fixed
-        return seconds
+        fixed part of a verify step (of a dense step if nothing is verified) plus each row's share."""
+        verifying = any(drafts for _, drafts in rows)
+        fixed = self.verify.fixed if verifying else self.dense.fixed
+        return fixed + sum(self._target_share(context, drafts) for context, drafts in rows)
+
+    def _target_share(self, context: float, drafts: int) -> float:
+        """A row's part of a target step beyond the step's fixed part."""
+        if drafts:
+            return self.verify(1, context, drafts) - self.verify.fixed
+        return self.dense(1, context) - self.dense.fixed
+
+    def _round_fixed(self, longest: int) -> float:
+        """A round's seconds that no request owns: the target step's fixed part and each draft step's."""
+        if longest == 0:
+            return self.dense.fixed
+        return self.verify.fixed + longest * self.draft.fixed
+
+    def _round_terms(self, rows: Sequence[RoundRow], max_gamma: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per row and draft length 0..max_gamma: the tokens the row yields and its share of the round's
+        seconds (infinite for drafts a row cannot make)."""
+        tokens = np.ones((len(rows), max_gamma + 1))
+        seconds = np.full((len(rows), max_gamma + 1), np.inf)
+        for i, (context, sparse_context, accepted_at) in enumerate(rows):
+            seconds[i, 0] = self._target_share(context, 0)
+            if accepted_at is None:
+                continue
+            per_draft = self.draft(1, sparse_context) - self.draft.fixed
+            for gamma in range(1, max_gamma + 1):
+                tokens[i, gamma] = tokens_per_round(accepted_at, gamma)
+                seconds[i, gamma] = self._target_share(context, gamma) + gamma * per_draft
+        return tokens, seconds
+
+    def rate(self, rows: Sequence[RoundRow], gammas: Sequence[int]) -> float:
+        """Predicted tokens per second of a batch whose requests draft `gammas` this round."""
+        tokens, seconds = self._round_terms(rows, max(gammas, default=0))
+        return self._rate(tokens, seconds, np.asarray(gammas, dtype=int))
+
+    def _rate(self, tokens: np.ndarray, seconds: np.ndarray, gammas: np.ndarray) -> float:
+        index = np.arange(len(gammas)), gammas
+        longest = int(gammas.max(initial=0))
+        return float(tokens[index].sum() / (self._round_fixed(longest) + seconds[index].sum()))
+
+    def plan(self, rows: Sequence[RoundRow], max_gamma: int) -> list[int]:
+        """Each request's draft length in 0..max_gamma maximising the batch's predicted tokens per second;
+        all 0 unless some lengths beat plain decoding. Exact, by Dinkelbach's method: at the best rate so
+        far r, each request independently maximises `tokens - r * seconds` for each cap on the longest
+        draft, and the best cap's lengths give a higher rate until none does."""
+        tokens, seconds = self._round_terms(rows, max_gamma)
+        fixed = np.array([self._round_fixed(longest) for longest in range(max_gamma + 1)])
+        gammas = np.zeros(len(rows), dtype=int)
+        best = self._rate(tokens, seconds, gammas)
+        while True:
+            gain = tokens - best * seconds
+            by_cap = np.maximum.accumulate(gain, axis=1).sum(axis=0) - best * fixed
+            cap = int(np.argmax(by_cap))
+            candidate = np.argmax(gain[:, : cap + 1], axis=1)
+            rate = self._rate(tokens, seconds, candidate)
+            if rate <= best * (1 + 1e-12):
+                return gammas.tolist()
+            gammas, best = candidate, rate
 
     def to_json(self) -> dict[str, Any]:
         return {"format": PROFILE_FORMAT, **dataclasses.asdict(self)}
@@ -148,16 +212,6 @@ class CostModel:
             return 1.0
         tokens = tokens_per_round(accepted_at, gamma)
         return tokens * self.dense(batch, context) / self.round_seconds(batch, context, sparse_context, gamma)
-
-    def best_gamma(
-        self, batch: int, context: float, sparse_context: float, accepted_at: Sequence[float], max_gamma: int
-    ) -> int:
-        """The gamma in 0..max_gamma with the highest predicted speedup; 0 (no drafts) unless one beats 1."""
-        speedups = [
-            self.speedup(batch, context, sparse_context, accepted_at, gamma) for gamma in range(max_gamma + 1)
-        ]
-        best = int(np.argmax(speedups))
-        return best if speedups[best] > 1.0 else 0
 
 
 @dataclasses.dataclass(frozen=True)

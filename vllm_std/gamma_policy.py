@@ -1,18 +1,19 @@
-"""Per-request draft length: the gamma that the cost model predicts fastest for each request, 0 where none
-pays. Pure python (no vLLM), so the decisions can be tested on synthetic costs and acceptance.
+"""Per-request draft length: the lengths that the cost model predicts fastest for the batch, 0 for a request
+where none pays. Pure python (no vLLM), so the decisions can be tested on synthetic costs and acceptance.
 
 A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
 changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it. A request
 that stopped drafting probes every `probe_interval` steps, and at once again after a probe that was
 accepted, so that it notices soon when drafting would pay again. A probe drafts the fewest tokens that would
-pay if all were accepted; where not even that pays, acceptance is not what stops drafting, and nothing is
-probed.
+pay (speed the batch up) if all were accepted; where not even that pays, acceptance is not what stops
+drafting, and nothing is probed.
 """
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
-from vllm_std.cost_model import CostModel
+from vllm_std.cost_model import CostModel, RoundRow
 
 Reason = Literal["fixed", "paying", "probe", "not_paying"]
 """Why a request got its draft length this step (the `decision` label of `vllm:std_gamma_decisions_total`)."""
@@ -57,7 +58,8 @@ class Decision:
 
 
 class GammaPolicy:
-    """Chooses each request's gamma from the engine's cost model and the request's acceptance so far."""
+    """Chooses each request's gamma from the engine's cost model, the batch, and each request's acceptance
+    so far."""
 
     # The engine-wide estimate starts at one pseudo-round at 1/2; a request's own rounds (about the last ten
     # count) are weighed against one pseudo-round at the engine-wide first-position estimate.
@@ -94,26 +96,35 @@ class GammaPolicy:
         tracker = self.requests.get(req_id)
         return tracker.estimate(engine[0], self.PRIOR_STRENGTH) if tracker else engine
 
-    def choose(
-        self, req_id: str, cost: CostModel, batch: int, context: float, sparse_context: float
-    ) -> Decision:
-        """The gamma in 0..max_gamma with the best predicted speed for this request at this step."""
-        gamma = cost.best_gamma(batch, context, sparse_context, self.accepted_at(req_id), self.max_gamma)
-        if gamma > 0:
-            self._idle_steps.pop(req_id, None)
-            return Decision(gamma, "paying")
-        idle = self._idle_steps.get(req_id, 0) + 1
-        if idle >= self.probe_interval:
-            probe = self._probe_gamma(cost, batch, context, sparse_context)
-            if probe:
-                self._idle_steps[req_id] = 0
-                return Decision(probe, "probe")
-        self._idle_steps[req_id] = idle
-        return Decision(0, "not_paying")
+    def decide(
+        self, cost: CostModel, drafting: Sequence[tuple[str, float, float]], others: Sequence[float]
+    ) -> list[Decision]:
+        """Draft lengths for the requests `(req_id, context, sparse context)` that may draft this step, in
+        a batch that also holds requests of contexts `others` that may not: the lengths that maximise the
+        batch's predicted tokens per second (`CostModel.plan`), then probes for requests idle long enough."""
+        rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
+        rows += [(n, n, None) for n in others]
+        gammas = cost.plan(rows, self.max_gamma)
+        decisions = []
+        for i, (req_id, *_) in enumerate(drafting):
+            if gammas[i] > 0:
+                self._idle_steps.pop(req_id, None)
+                decisions.append(Decision(gammas[i], "paying"))
+                continue
+            idle = self._idle_steps.get(req_id, 0) + 1
+            probe = self._probe_gamma(cost, rows, gammas, i) if idle >= self.probe_interval else 0
+            self._idle_steps[req_id] = 0 if probe else idle
+            gammas[i] = probe
+            decisions.append(Decision(probe, "probe") if probe else Decision(0, "not_paying"))
+        return decisions
 
-    def _probe_gamma(self, cost: CostModel, batch: int, context: float, sparse_context: float) -> int:
-        """The fewest drafts that pay if every one is accepted (0: none would)."""
+    def _probe_gamma(self, cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int) -> int:
+        """The fewest drafts for row `i` that would speed the batch up if every one were accepted (0: none
+        would)."""
+        context, sparse, _ = rows[i]
+        hopeful = [*rows[:i], (context, sparse, [1.0]), *rows[i + 1 :]]
+        without = cost.rate(hopeful, gammas)
         for gamma in range(1, self.max_gamma + 1):
-            if cost.speedup(batch, context, sparse_context, [1.0], gamma) > 1.0:
+            if cost.rate(hopeful, [*gammas[:i], gamma, *gammas[i + 1 :]]) > without:
                 return gamma
         return 0

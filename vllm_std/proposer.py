@@ -209,19 +209,34 @@ class STDProposer:
         self._round_end = time.perf_counter()
         if self.metrics is not None:
             self.metrics.draft_seconds.observe(self._round_end - start)
+        if self.cost is not None and self.policy is not None:
+            self.overhead.observe_drafting(self._round_end - start, self._predicted_drafting(requests))
         return drafts
+
+    def _predicted_drafting(self, requests: list[_DraftRequest]) -> tuple[float, int]:
+        """The round's draft forward passes as the cost model predicts them, and how many steps it ran."""
+        assert self.cost is not None and self.view is not None
+        contexts = [r.selection.drafter_context(r.num_tokens, self.view.block_size) for r in requests]
+        steps = max(r.num_drafts for r in requests)
+        seconds = 0.0
+        for step in range(steps):
+            active = [c for c, r in zip(contexts, requests, strict=True) if r.num_drafts > step]
+            seconds += self.cost.draft(len(active), sum(active) / len(active))
+        return seconds, steps
 
     def _draftable(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any) -> list[_DraftRequest]:
         assert self.view is not None and self.scorer is not None
         block_size = self.view.block_size
-        eligible = [
-            (row, req_id, int(num_tokens_no_spec[row]))
-            for row, req_id in enumerate(self.view.batch_req_ids())
-            if req_id in self.scorer.selections and sampled_token_ids[row]
-        ]
+        eligible, others = [], []
+        for row, req_id in enumerate(self.view.batch_req_ids()):
+            n = int(num_tokens_no_spec[row])
+            if req_id in self.scorer.selections and sampled_token_ids[row]:
+                eligible.append((row, req_id, n))
+            else:
+                others.append(n)
         if not eligible:
             return []
-        gammas = self._gammas(eligible)
+        gammas = self._gammas(eligible, others)
         out = []
         for (row, req_id, n), gamma in zip(eligible, gammas, strict=True):
             selection = self.scorer.selections[req_id]
@@ -239,9 +254,10 @@ class STDProposer:
                 out.append(_DraftRequest(row, selection, n, k, physical, self.view.position_delta(req_id)))
         return out
 
-    def _gammas(self, eligible: list[tuple[int, str, int]]) -> list[int]:
-        """Each eligible request's draft length: gamma, or with `adaptive` the policy's choice on rank 0,
-        sent to the other ranks (their own timings would differ, and the ranks must draft in lockstep)."""
+    def _gammas(self, eligible: list[tuple[int, str, int]], others: list[int]) -> list[int]:
+        """Each eligible request's draft length: gamma, or with `adaptive` the policy's choice on rank 0 for
+        the whole batch (the requests that may not draft, of contexts `others`, share its steps), sent to
+        the other ranks (their own timings would differ, and the ranks must draft in lockstep)."""
         assert self.view is not None and self.scorer is not None
         if not self.config.adaptive:
             decisions = [Decision(self.num_speculative_tokens, "fixed")] * len(eligible)
@@ -249,13 +265,15 @@ class STDProposer:
             return self.view.broadcast_from_rank0(None)
         else:
             assert self.cost is not None
-            cost = self.cost.with_overhead(self.overhead.fixed, self.overhead.per_draft)
-            batch, block_size = len(self.view.batch_req_ids()), self.view.block_size
-            decisions = []
-            for _, req_id, n in eligible:
-                selection = self.scorer.selections[req_id]
-                sparse = n - selection.num_visual_tokens + selection.num_kept_visual_tokens(block_size)
-                decisions.append(self.policy.choose(req_id, cost, batch, n, sparse))
+            cost = self.cost.with_overhead(
+                self.overhead.fixed, self.overhead.per_draft, self.overhead.per_draft_step
+            )
+            block_size = self.view.block_size
+            drafting = [
+                (req_id, float(n), float(self.scorer.selections[req_id].drafter_context(n, block_size)))
+                for _, req_id, n in eligible
+            ]
+            decisions = self.policy.decide(cost, drafting, others)
         if self.metrics is not None:
             for decision in decisions:
                 self.metrics.gamma_chosen(decision)

@@ -86,3 +86,7 @@ class RequestSelection:
         """Visual tokens each layer's drafter still reads: all but those in dropped (all-visual) blocks."""
         dropped = self.num_candidate_blocks - self.num_kept_candidate_blocks
         return self.num_visual_tokens - dropped * block_size
+
+    def drafter_context(self, num_tokens: int, block_size: int) -> int:
+        """Tokens a draft step reads at context `num_tokens`: all but the visual tokens of dropped blocks."""
+        return num_tokens - self.num_visual_tokens + self.num_kept_visual_tokens(block_size)

@@ -61,9 +61,9 @@ def test_decisions_never_predict_a_slowdown(
     probe_interval: int,
 ) -> None:
     """Whatever the costs, the batch and the histories: the "paying" lengths are the cost model's plan for
-    the batch, which never predicts a slowdown; a request the plan leaves out probes after
-    `probe_interval` idle steps (later where a probe could not pay then), with the fewest drafts that would
-    speed the batch up if all were accepted, and never where not even that would."""
+    the batch, which never predicts a slowdown; a request the plan leaves out may probe every
+    `probe_interval` idle steps, and does, with the fewest drafts that would speed the batch up if all were
+    accepted, unless not even that would."""
     policy = GammaPolicy(max_gamma, probe_interval)
     drafting = []
     for i, ((_, context, kept), rounds) in enumerate(requests):
@@ -83,12 +83,13 @@ def test_decisions_never_predict_a_slowdown(
                 continue
             idle[i] += 1
             before = [d.gamma for d in decisions[:i]] + plan[i:]
+            due = idle[i] == probe_interval
+            idle[i] %= probe_interval
             if decision.reason == "not_paying":
                 assert decision.gamma == 0
-                assert idle[i] < probe_interval or not _pays(cost, rows, before, i, range(1, max_gamma + 1))
+                assert not due or not _pays(cost, rows, before, i, range(1, max_gamma + 1))
                 continue
-            assert decision.reason == "probe" and idle[i] >= probe_interval
-            idle[i] = 0
+            assert decision.reason == "probe" and due
             assert _pays(cost, rows, before, i, [decision.gamma])
             assert not _pays(cost, rows, before, i, range(1, decision.gamma))
 

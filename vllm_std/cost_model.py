@@ -60,8 +60,12 @@ class VerifyCost:
     per_draft: float = 0.0
 
     def __call__(self, batch: int, context: float, gamma: int) -> float:
-        attention = self.per_context_token * batch * context * (1 + self.query_growth * gamma)
-        return self.fixed + self.per_query * batch * (gamma + 1) + self.per_draft * batch * gamma + attention
+        return self.fixed + batch * float(self.at_lengths(context, np.asarray(gamma)))
+
+    def at_lengths(self, context: float, gamma: np.ndarray) -> np.ndarray:
+        """One request's share of the step beyond the fixed part, at each draft length in `gamma`."""
+        attention = self.per_context_token * context * (1 + self.query_growth * gamma)
+        return self.per_query * (gamma + 1) + self.per_draft * gamma + attention
 
 
 def fit_step_cost(batch: Sequence[int], context: Sequence[float], seconds: Sequence[float]) -> StepCost:
@@ -147,16 +151,19 @@ class CostModel:
     def _round_terms(self, rows: Sequence[RoundRow], max_gamma: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row and draft length 0..max_gamma: the tokens the row yields and its share of the round's
         seconds (infinite for drafts a row cannot make)."""
+        gammas = np.arange(1, max_gamma + 1)
         tokens = np.ones((len(rows), max_gamma + 1))
         seconds = np.full((len(rows), max_gamma + 1), np.inf)
         for i, (context, sparse_context, accepted_at) in enumerate(rows):
             seconds[i, 0] = self._target_share(context, 0)
-            if accepted_at is None:
+            if accepted_at is None or max_gamma == 0:
                 continue
-            per_draft = self.draft(1, sparse_context) - self.draft.fixed
-            for gamma in range(1, max_gamma + 1):
-                tokens[i, gamma] = tokens_per_round(accepted_at, gamma)
-                seconds[i, gamma] = self._target_share(context, gamma) + gamma * per_draft
+            # As `tokens_per_round`: positions past the end of `accepted_at` repeat its last value.
+            accepted = np.resize(np.asarray(accepted_at, dtype=float), max(max_gamma, len(accepted_at)))
+            accepted[len(accepted_at) :] = accepted_at[-1] if accepted_at else 0.0
+            tokens[i, 1:] = 1.0 + np.cumsum(np.cumprod(accepted[:max_gamma]))
+            target = self.verify.at_lengths(context, gammas)
+            seconds[i, 1:] = target + gammas * (self.draft(1, sparse_context) - self.draft.fixed)
         return tokens, seconds
 
     def rate(self, rows: Sequence[RoundRow], gammas: Sequence[int]) -> float:
@@ -174,15 +181,25 @@ class CostModel:
         all 0 unless some lengths beat plain decoding. Exact, by Dinkelbach's method: at the best rate so
         far r, each request independently maximises `tokens - r * seconds` for each cap on the longest
         draft, and the best cap's lengths give a higher rate until none does."""
+        if not rows:
+            return []
         tokens, seconds = self._round_terms(rows, max_gamma)
         fixed = np.array([self._round_fixed(longest) for longest in range(max_gamma + 1)])
         gammas = np.zeros(len(rows), dtype=int)
         best = self._rate(tokens, seconds, gammas)
         while True:
             gain = tokens - best * seconds
-            by_cap = np.maximum.accumulate(gain, axis=1).sum(axis=0) - best * fixed
+            upto = np.maximum.accumulate(gain, axis=1)  # [request, cap]: its best length up to the cap
+            # A cap >= 1 costs a verify step and draft steps only if some request drafts: where none would
+            # by itself, the one that loses least by drafting is made to.
+            drafting = np.maximum.accumulate(gain[:, 1:], axis=1) - upto[:, 1:]
+            by_cap = upto.sum(axis=0) - best * fixed
+            by_cap[1:] += drafting.max(axis=0)
             cap = int(np.argmax(by_cap))
             candidate = np.argmax(gain[:, : cap + 1], axis=1)
+            if cap and not candidate.any():
+                forced = int(np.argmax(drafting[:, cap - 1]))
+                candidate[forced] = 1 + int(np.argmax(gain[forced, 1 : cap + 1]))
             rate = self._rate(tokens, seconds, candidate)
             if rate <= best * (1 + 1e-12):
                 return gammas.tolist()

@@ -112,8 +112,9 @@ class GammaPolicy:
                 decisions.append(Decision(gammas[i], "paying"))
                 continue
             idle = self._idle_steps.get(req_id, 0) + 1
-            probe = self._probe_gamma(cost, rows, gammas, i) if idle >= self.probe_interval else 0
-            self._idle_steps[req_id] = 0 if probe else idle
+            due = idle >= self.probe_interval
+            probe = self._probe_gamma(cost, rows, gammas, i) if due else 0
+            self._idle_steps[req_id] = 0 if due else idle
             gammas[i] = probe
             decisions.append(Decision(probe, "probe") if probe else Decision(0, "not_paying"))
         return decisions

@@ -139,7 +139,7 @@ class CostModel:
     def _target_share(self, context: float, drafts: int) -> float:
         """A row's part of a target step beyond the step's fixed part."""
         if drafts:
-            return self.verify(1, context, drafts) - self.verify.fixed
+            return float(self.verify.at_lengths(context, np.asarray(drafts)))
         return self.dense(1, context) - self.dense.fixed
 
     def _round_fixed(self, longest: int) -> float:
@@ -159,9 +159,10 @@ class CostModel:
             if accepted_at is None or max_gamma == 0:
                 continue
             # As `tokens_per_round`: positions past the end of `accepted_at` repeat its last value.
-            accepted = np.resize(np.asarray(accepted_at, dtype=float), max(max_gamma, len(accepted_at)))
-            accepted[len(accepted_at) :] = accepted_at[-1] if accepted_at else 0.0
-            tokens[i, 1:] = 1.0 + np.cumsum(np.cumprod(accepted[:max_gamma]))
+            accepted = np.full(max_gamma, accepted_at[-1] if accepted_at else 0.0)
+            known = min(len(accepted_at), max_gamma)
+            accepted[:known] = accepted_at[:known]
+            tokens[i, 1:] = 1.0 + np.cumsum(np.cumprod(accepted))
             target = self.verify.at_lengths(context, gammas)
             seconds[i, 1:] = target + gammas * (self.draft(1, sparse_context) - self.draft.fixed)
         return tokens, seconds

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from vllm_std.bench import Method, conditional_acceptance, fit_cost_model, methods, step_costs
-from vllm_std.bench_report import markdown_table
+from vllm_std.bench import (
+    Method,
+    conditional_acceptance,
+    fit_cost_model,
+    methods,
+    pooled_speedups,
+    step_costs,
+)
+from vllm_std.bench_report import markdown_table, pooled_table
 
 
 def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
@@ -22,8 +29,8 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
         "ngram g2",
         "streaming g2 K256",
         "random g2 K256",
-        "none again",
         "adaptive g<=4 K256 again",
+        "none again",
     ]
     assert Method("x", "streaming", 4, 256).speculative_config() == {
         "method": "std",
@@ -92,6 +99,26 @@ def test_markdown_table_marks_differing_output() -> None:
     table = markdown_table(records)
     assert "| none | — / 1.00x |" in table
     assert "| std g4 K256 | 50 % / 1.25x (1.20x) ✗ |" in table
+
+
+def test_pooled_speedups_pair_each_method_with_its_repeat() -> None:
+    """Mean over both runs of no speculation against the method's two; methods run once are left out."""
+    records = [
+        {"method": m, "kind": k, "workload": "1k x1", "tpot_seconds": t}
+        for m, k, t in [
+            ("none", "none", 0.010),
+            ("adaptive g<=6 K256", "adaptive", 0.009),
+            ("std g6 K256", "std", 0.008),
+            ("adaptive g<=6 K256 again", "adaptive", 0.011),
+            ("none again", "none", 0.014),
+        ]
+    ]
+    pooled = pooled_speedups(records)
+    assert pooled == [
+        {"method": "adaptive g<=6 K256", "workload": "1k x1", "speedup_tpot": pytest.approx(1.2)}
+    ]
+    assert "| adaptive g<=6 K256 | 1.20x |" in pooled_table(pooled)
+    assert pooled_table([]) == ""
 
 
 @pytest.mark.slow

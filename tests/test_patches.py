@@ -184,3 +184,43 @@ def test_top_k_of_vllm_still_fails_on_an_empty_batch() -> None:
     original = inspect.unwrap(topk_topp_sampler.apply_top_k_only)
     with pytest.raises(RuntimeError, match="numel"):
         original(torch.empty(0, 8), torch.empty(0, dtype=torch.int64))
+
+
+_REJECTION_PASSES = """
+import os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker runs here, where the counter is
+from vllm import LLM, SamplingParams
+from vllm.v1.sample.rejection_sampler import RejectionSampler
+from vllm_std.fixtures.models import tiny_model
+from vllm_std.fixtures.prompts import vllm_request
+from vllm_std.fixtures.video import synthetic_frames
+
+passes = []
+forward = RejectionSampler.forward
+RejectionSampler.forward = lambda self, metadata, *a, **k: passes.append(metadata.max_spec_len) or forward(
+    self, metadata, *a, **k
+)
+path = str(tiny_model("qwen2_vl"))
+llm = LLM(path, seed=0, max_model_len=4096, limit_mm_per_prompt={"video": 1},
+          speculative_config={"method": "std", "num_speculative_tokens": 3, "top_k": 256, "adaptive": False})
+passes.clear()  # start-up's dummy sampler runs
+params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+llm.generate([vllm_request(path, "Tell me about the red car.")], params, use_tqdm=False)
+text_only = len(passes)
+video = vllm_request(path, "What happens?", videos=[synthetic_frames(32, 224, 224, seed=1)])
+llm.generate([video], params, use_tqdm=False)
+print("PASSES", text_only, len(passes), min(passes, default=-1))
+"""
+
+
+def test_steps_without_drafts_skip_the_rejection_sampler() -> None:
+    """`GPUModelRunnerSampleWithoutDraftsPatch` in a real engine: a text-only request (never drafted) runs
+    no rejection pass, a video request's verify steps do, and none of them is empty."""
+    out = subprocess.run(
+        [sys.executable, "-c", _REJECTION_PASSES], capture_output=True, text=True, timeout=600
+    )
+    passes = [line for line in out.stdout.splitlines() if line.startswith("PASSES")]
+    assert out.returncode == 0 and passes, out.stderr[-3000:]
+    text_only, total, smallest = map(int, passes[0].split()[1:])
+    assert text_only == 0
+    assert total > 0 and smallest > 0

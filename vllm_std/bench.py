@@ -82,10 +82,11 @@ def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Meth
     baselines = [kind for kind in ("streaming", "random") if kind in kinds]
     out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]
     if "none" in kinds and len(out) > 1:
-        # No speculation (and adaptive STD) once more, last: how far two runs of the same engine differ on
-        # this machine, and how far adaptive STD's timing-driven choices differ between runs.
-        out.append(Method("none again", "none"))
+        # Adaptive STD and no speculation once more, last and in reverse order: how far two runs of the same
+        # engine differ on this machine, how far adaptive STD's timing-driven choices differ between runs,
+        # and (none, adaptive, ..., adaptive, none) pooled per method cancels a steady drift of the machine.
         out += [dataclasses.replace(m, label=f"{m.label} again") for m in out if m.kind == "adaptive"]
+        out.append(Method("none again", "none"))
     return out
 
 
@@ -266,6 +267,22 @@ def engine(model: str, **kwargs: Any) -> Iterator[Any]:
         gc.collect()
 
 
+def pooled_speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each method run twice (a `... again` run), its speedup over no speculation with both runs of each
+    pooled: mean time per output token of the two runs without speculation over the method's two. The runs
+    go none, method, ..., method again, none again, so a steady drift of the machine cancels."""
+    tpot = {(r["method"], r["workload"]): r["tpot_seconds"] for r in records}
+    out = []
+    for r in records:
+        again = tpot.get((f"{r['method']} again", r["workload"]))
+        none = [tpot.get((label, r["workload"])) for label in ("none", "none again")]
+        if r["kind"] == "none" or again is None or None in none:
+            continue
+        speedup = sum(none) / (r["tpot_seconds"] + again)
+        out.append({"method": r["method"], "workload": r["workload"], "speedup_tpot": speedup})
+    return out
+
+
 # --- the cost model from the measurements ---------------------------------------------------------------
 
 
@@ -307,6 +324,15 @@ def step_costs(record: dict[str, Any], gamma: int) -> None:
 # --- the command ---------------------------------------------------------------------------------------
 
 
+_TIMING_ENV = (
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "OMP_NUM_THREADS",
+    "LD_PRELOAD",
+)
+
+
 def environment() -> dict[str, Any]:
     import torch
     import vllm
@@ -319,7 +345,9 @@ def environment() -> dict[str, Any]:
         "processor": platform.processor(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+        # What decides the timings on a CPU as much as the method: where vLLM binds its OpenMP threads and
+        # whether the engine core shares the front end's process (docs/benchmarks.md, "Measuring on a CPU").
+        **{name: os.environ.get(name) for name in _TIMING_ENV},
     }
 
 
@@ -369,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
             r["speedup_throughput"] = (
                 r["output_tokens_per_second"] / none[r["workload"]]["output_tokens_per_second"]
             )
+    pooled = pooled_speedups(records)
     cost_model = fit_cost_model(records, args.output_len)
     if cost_model is not None:
         for r in records:
@@ -387,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_frame": videos.tokens_per_frame,
         "cost_model": dataclasses.asdict(cost_model) if cost_model else None,
         "records": records,
+        "pooled": pooled,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

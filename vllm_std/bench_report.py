@@ -33,6 +33,26 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_table(pooled: list[dict[str, Any]]) -> str:
+    """The methods run twice, each against no speculation with both runs of each pooled (empty if none)."""
+    if not pooled:
+        return ""
+    workloads = list(dict.fromkeys(p["workload"] for p in pooled))
+    cells: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for p in pooled:
+        cells[p["method"]][p["workload"]] = p["speedup_tpot"]
+    lines = [
+        "\nBoth runs pooled (mean time per output token over a method's two runs against no speculation's "
+        "two; runs ordered so that a steady drift cancels):\n",
+        "| method | " + " | ".join(workloads) + " |",
+        "| --- |" + " --- |" * len(workloads),
+    ]
+    for method, row in cells.items():
+        speeds = (f"{row[w]:.2f}x" if w in row else "" for w in workloads)
+        lines.append(f"| {method} | " + " | ".join(speeds) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -116,7 +136,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         f"{result['environment']['cpus']} CPUs. Cells: acceptance / speedup in time per output token vs no "
         "speculation (cost model's prediction in brackets).\n\n"
     )
-    (out / "bench.md").write_text(header + markdown_table(records))
+    (out / "bench.md").write_text(header + markdown_table(records) + pooled_table(result["pooled"]))
     _plot_methods(records, out / "methods.png")
     std = [r for r in records if r["kind"] == "std"]
     if not std:

@@ -67,9 +67,11 @@ def test_fit_cost_model_from_records() -> None:
     std = []
     for b in (1, 4):
         for p in (1000, 8000):
-            r = _record("std", b, p, 0.0, gamma=4, sparse_context=300.0, draft_steps=10)
-            r |= {"decode_seconds": 10 * (4 * 0.004 + 0.02 + 1e-6 * b * p), "draft_seconds": 10 * 4 * 0.004}
+            # Two batches of 5 rounds each: a request's decode time is half the workload's.
+            r = _record("std", b, p, 0.0, gamma=4, sparse_context=300.0, draft_steps=10, batches=2)
+            r |= {"decode_seconds": 5 * (4 * 0.004 + 0.02 + 1e-6 * b * p), "draft_seconds": 10 * 4 * 0.004}
             step_costs(r, 4)
+            assert r["verify_step_seconds"] == pytest.approx(0.02 + 1e-6 * b * p)
             std.append(r)
     model = fit_cost_model(dense + std, output_len=16)
     assert model is not None

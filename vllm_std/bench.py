@@ -228,6 +228,7 @@ def measure(llm: Any, batches: list[list[dict[str, Any]]], output_len: int) -> d
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
+        "batches": len(batches),
         "wall_seconds": wall,
         "output_tokens_per_second": sum(len(o.outputs[0].token_ids) for o in outputs) / wall,
         "tpot_seconds": tpot[1] / tpot[0],
@@ -313,12 +314,15 @@ def fit_cost_model(records: list[dict[str, Any]], output_len: int) -> CostModel 
 
 def step_costs(record: dict[str, Any], gamma: int) -> None:
     """Adds the per-step costs of an STD-family run: drafting time per draft step and the verify step time
-    (a drafting step's decode time less its drafting)."""
+    (a drafting step's decode time less its drafting). Drafting steps are counted per engine step, and
+    decode time per request; a batch's requests decode in the same steps, so the workload's decode time is
+    one request's times the number of batches."""
     steps = record["draft_steps"]
     if not steps:
         return
+    decode = record["decode_seconds"] * record["batches"]
     record["draft_step_seconds"] = record["draft_seconds"] / steps / gamma
-    record["verify_step_seconds"] = record["decode_seconds"] / steps - record["draft_seconds"] / steps
+    record["verify_step_seconds"] = (decode - record["draft_seconds"]) / steps
 
 
 # --- the command ---------------------------------------------------------------------------------------

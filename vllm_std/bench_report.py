@@ -1,56 +1,51 @@
 """The benchmark's Markdown table and plots, from `bench.json`'s content (`vllm_std.bench`)."""
 
 import collections
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    """Methods x workloads, like the paper's Table 1: acceptance rate / speedup in time per output token
-    (measured; the cost model's prediction in brackets); a cross marks output that differs from no
-    speculation."""
-    workloads = list(dict.fromkeys(r["workload"] for r in records))
+def _grid(rows: list[dict[str, Any]], cell: Callable[[dict[str, Any]], str]) -> str:
+    """Methods x workloads from rows that carry a "method" and a "workload", each cell `cell(row)`."""
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
     by_method: dict[str, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
-    for r in records:
+    for r in rows:
         by_method[r["method"]][r["workload"]] = r
     lines = [
         "| method | " + " | ".join(workloads) + " |",
         "| --- |" + " --- |" * len(workloads),
     ]
     for method, cells in by_method.items():
-        row = []
-        for w in workloads:
-            r = cells.get(w)
-            if r is None:
-                row.append("")
-                continue
-            acceptance = "—" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f} %"
-            speed = f"{r.get('speedup_tpot', float('nan')):.2f}x"
-            if "predicted_speedup" in r:
-                speed += f" ({r['predicted_speedup']:.2f}x)"
-            row.append(f"{acceptance} / {speed}" + ("" if r["identical_to_no_speculation"] else " ✗"))
+        row = (cell(cells[w]) if w in cells else "" for w in workloads)
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _acceptance_and_speedup(r: dict[str, Any]) -> str:
+    acceptance = "—" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f} %"
+    speed = f"{r.get('speedup_tpot', float('nan')):.2f}x"
+    if "predicted_speedup" in r:
+        speed += f" ({r['predicted_speedup']:.2f}x)"
+    return f"{acceptance} / {speed}" + ("" if r["identical_to_no_speculation"] else " ✗")
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """Methods x workloads, like the paper's Table 1: acceptance rate / speedup in time per output token
+    (measured; the cost model's prediction in brackets); a cross marks output that differs from no
+    speculation."""
+    return _grid(records, _acceptance_and_speedup)
 
 
 def pooled_table(pooled: list[dict[str, Any]]) -> str:
     """The methods run twice, each against no speculation with both runs of each pooled (empty if none)."""
     if not pooled:
         return ""
-    workloads = list(dict.fromkeys(p["workload"] for p in pooled))
-    cells: dict[str, dict[str, float]] = collections.defaultdict(dict)
-    for p in pooled:
-        cells[p["method"]][p["workload"]] = p["speedup_tpot"]
-    lines = [
+    heading = (
         "\nBoth runs pooled (mean time per output token over a method's two runs against no speculation's "
-        "two; runs ordered so that a steady drift cancels):\n",
-        "| method | " + " | ".join(workloads) + " |",
-        "| --- |" + " --- |" * len(workloads),
-    ]
-    for method, row in cells.items():
-        speeds = (f"{row[w]:.2f}x" if w in row else "" for w in workloads)
-        lines.append(f"| {method} | " + " | ".join(speeds) + " |")
-    return "\n".join(lines) + "\n"
+        "two; runs ordered so that a steady drift cancels):\n\n"
+    )
+    return heading + _grid(pooled, lambda p: f"{p['speedup_tpot']:.2f}x")
 
 
 def _pyplot() -> Any:

@@ -187,7 +187,7 @@ def test_top_k_of_vllm_still_fails_on_an_empty_batch() -> None:
 
 
 _REJECTION_PASSES = """
-import os, sys
+import os
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker runs here, where the counter is
 from vllm import LLM, SamplingParams
 from vllm.v1.sample.rejection_sampler import RejectionSampler

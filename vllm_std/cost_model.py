@@ -92,17 +92,22 @@ def fit_verify_cost(
 
 
 def tokens_per_round(accepted_at: Sequence[float], gamma: int) -> float:
-    """Expected tokens a round yields: 1 plus the chance that drafts 1..i were all accepted, summed over i.
+    """Expected tokens a round of `gamma` drafts yields (`tokens_by_length`)."""
+    return float(tokens_by_length(accepted_at, gamma)[gamma])
+
+
+def tokens_by_length(accepted_at: Sequence[float], max_gamma: int) -> np.ndarray:
+    """Expected tokens a round yields with 0..max_gamma drafts: 1 plus the chance that drafts 1..i were all
+    accepted, summed over i.
 
     `accepted_at[i]` is the probability that draft i + 1 is accepted given drafts 1..i were (vLLM's
     per-position counters divided by the rounds that reached the position); positions past the end of the
     list repeat its last value.
     """
-    expected, survive = 1.0, 1.0
-    for i in range(gamma):
-        survive *= accepted_at[min(i, len(accepted_at) - 1)] if accepted_at else 0.0
-        expected += survive
-    return expected
+    accepted = np.full(max_gamma, accepted_at[-1] if accepted_at else 0.0)
+    known = min(len(accepted_at), max_gamma)
+    accepted[:known] = accepted_at[:known]
+    return np.concatenate(([1.0], 1.0 + np.cumsum(np.cumprod(accepted))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +163,7 @@ class CostModel:
             seconds[i, 0] = self._target_share(context, 0)
             if accepted_at is None or max_gamma == 0:
                 continue
-            # As `tokens_per_round`: positions past the end of `accepted_at` repeat its last value.
-            accepted = np.full(max_gamma, accepted_at[-1] if accepted_at else 0.0)
-            known = min(len(accepted_at), max_gamma)
-            accepted[:known] = accepted_at[:known]
-            tokens[i, 1:] = 1.0 + np.cumsum(np.cumprod(accepted))
+            tokens[i] = tokens_by_length(accepted_at, max_gamma)
             target = self.verify.at_lengths(context, gammas)
             seconds[i, 1:] = target + gammas * (self.draft(1, sparse_context) - self.draft.fixed)
         return tokens, seconds

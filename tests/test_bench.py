@@ -9,11 +9,14 @@ import pytest
 
 from vllm_std.bench import (
     Method,
+    Workload,
     conditional_acceptance,
     fit_cost_model,
     methods,
     pooled_speedups,
+    sample_methods,
     step_costs,
+    summarize,
 )
 from vllm_std.bench_report import markdown_table, pooled_table
 
@@ -121,6 +124,84 @@ def test_pooled_speedups_pair_each_method_with_its_repeat() -> None:
     ]
     assert "| adaptive g<=6 K256 | 1.20x |" in pooled_table(pooled)
     assert pooled_table([]) == ""
+
+
+class _Engine:
+    """Stands in for `EngineProcess` (a real one is a vLLM engine): logs what it runs, answers with a sample
+    whose time per output token is its call count."""
+
+    def __init__(self, label: str, log: list[tuple[str, str, int]]) -> None:
+        self.label, self.log, self.closed = label, log, False
+
+    def sample(self, batch: list[dict], output_len: int) -> dict:
+        self.log.append((self.label, batch[0]["prompt"], output_len))
+        return {"tpot": (1, float(len(self.log)))}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_sample_methods_take_turns_and_warm_up_each_workload(interleaved: bool) -> None:
+    """Interleaved, every round's batch runs on each engine in turn, the order reversed every other round,
+    after one unmeasured batch of each workload's shape; sequential, one engine runs every round."""
+    plan = [Method("none", "none"), Method("std g2 K64", "std", 2, 64)]
+    rounds = [(Workload(1024, 1), 0), (Workload(1024, 1), 1000), (Workload(4096, 1), 2000)]
+    log: list[tuple[str, str, int]] = []
+    engines: list[_Engine] = []
+
+    def start(m: Method) -> _Engine:
+        engines.append(_Engine(m.label, log))
+        return engines[-1]
+
+    samples = sample_methods(
+        plan, rounds, start, lambda w, seed: [{"prompt": f"{w.label} {seed}"}], 64, interleaved
+    )
+    warm, measured = [e for e in log if e[2] == 8], [e for e in log if e[2] == 64]
+    assert {w[1] for w in warm} == {"1k x1 1000000", "4k x1 1002000"} and len(warm) == 4
+    if interleaved:
+        assert [(label, prompt) for label, prompt, _ in measured] == [
+            ("none", "1k x1 0"),
+            ("std g2 K64", "1k x1 0"),
+            ("std g2 K64", "1k x1 1000"),
+            ("none", "1k x1 1000"),
+            ("none", "4k x1 2000"),
+            ("std g2 K64", "4k x1 2000"),
+        ]
+    else:
+        assert [label for label, *_ in measured] == ["none"] * 3 + ["std g2 K64"] * 3
+    assert all(e.closed for e in engines) and len(engines) == 2
+    assert [len(samples[m.label, "1k x1"]) for m in plan] == [2, 2]
+
+
+def test_summarize_pools_batches() -> None:
+    """Counters and histograms add up over a workload's batches; outputs are concatenated in order."""
+
+    def batch(ids: list[int], tpot: float, drafts: int, accepted: int) -> dict:
+        return {
+            "token_ids": [ids],
+            "prompt_tokens": [100],
+            "wall_seconds": 1.0,
+            "tpot": (1, tpot),
+            "decode": (1, tpot * len(ids)),
+            "drafts": drafts,
+            "draft_tokens": 2 * drafts,
+            "accepted_tokens": accepted,
+            "accepted_per_pos": [accepted, 0],
+            "draft_time": (drafts, 0.01 * drafts),
+            "chosen_gamma": None,
+            "gamma_decisions": dict.fromkeys(("fixed", "paying", "probe", "not_paying"), None),
+        }
+
+    record = summarize([batch([1, 2], 0.01, 4, 2), batch([3, 4], 0.03, 6, 3)])
+    assert record["token_ids"] == [[1, 2], [3, 4]]
+    assert record["tpot_seconds"] == pytest.approx(0.02)
+    assert record["tpot_seconds_by_batch"] == pytest.approx([0.01, 0.03])
+    assert record["acceptance_rate"] == pytest.approx(5 / 20)
+    assert record["accepted_at"] == pytest.approx([0.5, 0.0])
+    assert record["draft_steps"] == 10 and record["batches"] == 2
+    assert record["output_tokens_per_second"] == pytest.approx(2.0)
+    assert record["mean_chosen_gamma"] is None
 
 
 @pytest.mark.slow

@@ -62,8 +62,8 @@ def test_decisions_never_predict_a_slowdown(
 ) -> None:
     """Whatever the costs, the batch and the histories: the "paying" lengths are the cost model's plan for
     the batch, which never predicts a slowdown; a request the plan leaves out may probe every
-    `probe_interval` idle steps, and does, with the fewest drafts that would speed the batch up if all were
-    accepted, unless not even that would."""
+    `probe_interval` idle steps (a request that has not drafted yet, at once), and does, with the fewest
+    drafts that would speed the batch up if all were accepted, unless not even that would."""
     policy = GammaPolicy(max_gamma, probe_interval)
     drafting = []
     for i, ((_, context, kept), rounds) in enumerate(requests):
@@ -74,7 +74,8 @@ def test_decisions_never_predict_a_slowdown(
     rows += [(n, n, None) for n in others]
     plan = cost.plan(rows, max_gamma)
     assert cost.rate(rows, plan) >= cost.rate(rows, [0] * len(rows))
-    idle = [0] * len(drafting)
+    # A request that has not drafted yet is due to probe at its first step.
+    idle = [0 if rounds and max(d for d, _ in rounds) else probe_interval - 1 for _, rounds in requests]
     for _ in range(3 * probe_interval):
         decisions = policy.decide(cost, drafting, others)
         for i, decision in enumerate(decisions):
@@ -143,6 +144,19 @@ def test_a_new_request_starts_from_the_engine_wide_acceptance() -> None:
     assert min(policy.accepted_at("new")) > 0.9
     policy.forget({"new"})
     assert "old" not in policy.requests
+
+
+def test_a_new_request_probes_at_once() -> None:
+    """Before any round, the bare prior (1/2 per position) does not pay at this context, but the request's
+    own acceptance is unknown: it probes at its first step, then every `probe_interval` steps."""
+    policy = GammaPolicy(max_gamma=6, probe_interval=16)
+    assert CPU.plan([(CONTEXT, SPARSE, policy.accepted_at("new"))], 6) == [0]
+    first = policy.decide(CPU, [("new", CONTEXT, SPARSE)], [])[0]
+    assert first.reason == "probe" and first.gamma > 0
+    policy.record("new", first.gamma, 0)
+    assert [policy.decide(CPU, [("new", CONTEXT, SPARSE)], [])[0].reason for _ in range(15)] == [
+        "not_paying"
+    ] * 15
 
 
 def test_never_drafts_where_verify_cannot_pay() -> None:

@@ -1,30 +1,28 @@
 """`vllm-std bench`: STD against no speculation, vLLM's ngram and baseline selections, on the same requests.
 
-Each method runs in its own offline engine over every workload (a number of visual tokens and a batch size);
-every workload's requests are the same for every method, with their own synthetic videos (so vLLM's prefix
-cache spares no prefill). Figures come from vLLM's own metrics (per-request time per output token, spec-decode
-counters) and STD's (drafting time), differenced around each workload. From them the run fits the cost model
-(`vllm_std.cost_model`): dense one-token steps from the runs without speculation, STD's draft and verify
-steps from its runs, and sets the model's predicted speedup beside each measured one. Outputs, in `--out`:
-`bench.json` (all figures and the environment), `bench.md` (a table shaped like the paper's Table 1) and
-PNG plots (`vllm_std.bench_report`).
-"""
+Each method has its own offline engine (`vllm_std.bench_engines`, one process each); by default all are alive
+at once and take turns on every batch, so that they share the machine's drift. A workload is a number of
+visual tokens and a batch size; its batches are the same for every method, each with its own synthetic
+videos (so vLLM's prefix cache spares no prefill). Figures come from vLLM's own metrics (per-request time per
+output token, spec-decode counters) and STD's (drafting time), differenced around each batch. From them the
+run fits the cost model (`vllm_std.cost_model`): dense one-token steps from the runs without speculation,
+STD's draft and verify steps from its runs, and sets the model's predicted speedup beside each measured one.
+Outputs, in `--out`: `bench.json` (all figures and the environment), `bench.md` (a table shaped like the
+paper's Table 1) and PNG plots (`vllm_std.bench_report`)."""
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import platform
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from vllm_std.bench_engines import Batch, EngineProcess, engine_processes
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
 from vllm_std.gamma_policy import REASONS
 
@@ -82,9 +80,10 @@ def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Meth
     baselines = [kind for kind in ("streaming", "random") if kind in kinds]
     out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]
     if "none" in kinds and len(out) > 1:
-        # Adaptive STD and no speculation once more, last and in reverse order: how far two runs of the same
-        # engine differ on this machine, how far adaptive STD's timing-driven choices differ between runs,
-        # and (none, adaptive, ..., adaptive, none) pooled per method cancels a steady drift of the machine.
+        # Adaptive STD and no speculation in a second engine each, last and in reverse order: how far two
+        # identical engines differ on this machine (the run's noise), how far adaptive STD's timing-driven
+        # choices differ between engines, and, run one after another, (none, adaptive, ..., adaptive, none)
+        # pooled per method cancels a steady drift of the machine.
         out += [dataclasses.replace(m, label=f"{m.label} again") for m in out if m.kind == "adaptive"]
         out.append(Method("none again", "none"))
     return out
@@ -170,80 +169,58 @@ class LookupQuestions:
         ]
 
 
-# --- measuring -----------------------------------------------------------------------------------------
+# --- measuring ---------------------------------------------------------------------------------------
 
 
-def snapshot(llm: Any) -> dict[str, Any]:
-    """vLLM's metrics summed over labels: counters as numbers, histograms (count, sum), vectors lists."""
-    out: dict[str, Any] = {}
-    for m in llm.get_metrics():
-        if hasattr(m, "buckets"):
-            count, total = out.get(m.name, (0, 0.0))
-            out[m.name] = (count + m.count, total + m.sum)
-        elif hasattr(m, "values"):
-            previous = out.get(m.name, [0] * len(m.values))
-            out[m.name] = [a + b for a, b in zip(previous, m.values, strict=True)]
-        else:
-            out[m.name] = out.get(m.name, 0) + m.value
-            if "decision" in m.labels:  # STD's decisions, also kept by reason
-                name = f"{m.name}:{m.labels['decision']}"
-                out[name] = out.get(name, 0) + m.value
-    return out
-
-
-def delta(after: dict[str, Any], before: dict[str, Any], name: str) -> Any:
-    a, b = after.get(name), before.get(name)
-    if a is None:
+def _pooled(values: list[Any]) -> Any:
+    """Sums one metric's differences over batches: numbers, `(count, sum)` pairs, per-position lists."""
+    present = [v for v in values if v is not None]
+    if not present:
         return None
-    if isinstance(a, tuple):
-        b = b or (0, 0.0)
-        return (a[0] - b[0], a[1] - b[1])
-    if isinstance(a, list):
-        b = b or [0] * len(a)
-        return [x - y for x, y in zip(a, b, strict=True)]
-    return a - (b or 0)
+    if isinstance(present[0], (tuple, list)):
+        return type(present[0])(map(sum, zip(*present, strict=True)))
+    return sum(present)
 
 
-def measure(llm: Any, batches: list[list[dict[str, Any]]], output_len: int) -> dict[str, Any]:
-    """One workload on one engine, its batches run one after another and pooled: outputs, time per output
-    token, acceptance and STD's drafting time."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    before = snapshot(llm)
-    start = time.perf_counter()
-    outputs = [o for requests in batches for o in llm.generate(requests, params, use_tqdm=False)]
-    wall = time.perf_counter() - start
-    after = snapshot(llm)
-
-    tpot = delta(after, before, "vllm:request_time_per_output_token_seconds")
-    decode = delta(after, before, "vllm:request_decode_time_seconds")
-    drafts = delta(after, before, "vllm:spec_decode_num_drafts") or 0
-    draft_tokens = delta(after, before, "vllm:spec_decode_num_draft_tokens") or 0
-    accepted = delta(after, before, "vllm:spec_decode_num_accepted_tokens") or 0
-    per_pos = delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos") or []
-    draft_time = delta(after, before, "vllm:std_draft_seconds") or (0, 0.0)
-    chosen = delta(after, before, "vllm:std_gamma") or (0, 0.0)
-    prompt_tokens = [len(o.prompt_token_ids) for o in outputs]
+def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method on one workload, its batches (`vllm_std.bench_engines.sample`) pooled: outputs, time per
+    output token, acceptance and STD's drafting time."""
+    concatenated = ("token_ids", "prompt_tokens")
+    pooled = {
+        key: _pooled([s[key] for s in samples])
+        for key in samples[0]
+        if key not in (*concatenated, "gamma_decisions")
+    }
+    token_ids = [ids for s in samples for ids in s["token_ids"]]
+    prompt_tokens = [n for s in samples for n in s["prompt_tokens"]]
+    tpot, decode = pooled["tpot"], pooled["decode"]
+    drafts, draft_tokens = pooled["drafts"] or 0, pooled["draft_tokens"] or 0
+    accepted = pooled["accepted_tokens"] or 0
+    draft_time = pooled["draft_time"] or (0, 0.0)
+    chosen = pooled["chosen_gamma"] or (0, 0.0)
     return {
-        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "token_ids": token_ids,
         "prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
-        "batches": len(batches),
-        "wall_seconds": wall,
-        "output_tokens_per_second": sum(len(o.outputs[0].token_ids) for o in outputs) / wall,
+        "batches": len(samples),
+        "wall_seconds": pooled["wall_seconds"],
+        "output_tokens_per_second": sum(map(len, token_ids)) / pooled["wall_seconds"],
         "tpot_seconds": tpot[1] / tpot[0],
+        # Per batch, in the order run: how far the machine moved between batches (the spread of a ratio).
+        "tpot_seconds_by_batch": [s["tpot"][1] / s["tpot"][0] for s in samples],
         "decode_seconds": decode[1] / decode[0],
         "drafts": drafts,
         "draft_tokens": draft_tokens,
         "accepted_tokens": accepted,
         "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
         "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
-        "accepted_at": conditional_acceptance([n / drafts for n in per_pos]) if drafts else [],
+        "accepted_at": conditional_acceptance([n / drafts for n in pooled["accepted_per_pos"] or []])
+        if drafts
+        else [],
         "draft_steps": draft_time[0],
         "draft_seconds": draft_time[1],
         "mean_chosen_gamma": chosen[1] / chosen[0] if chosen[0] else None,
         "gamma_decisions": {
-            reason: delta(after, before, f"vllm:std_gamma_decisions:{reason}") for reason in REASONS
+            reason: _pooled([s["gamma_decisions"][reason] for s in samples]) for reason in REASONS
         },
     }
 
@@ -253,19 +230,6 @@ def conditional_acceptance(reached: list[float]) -> list[float]:
     wants the chance that draft i + 1 is accepted given drafts 1..i were."""
     previous = [1.0, *reached[:-1]] if reached else []
     return [r / p if p > 0 else 0.0 for r, p in zip(reached, previous, strict=True)]
-
-
-@contextmanager
-def engine(model: str, **kwargs: Any) -> Iterator[Any]:
-    """An offline `LLM` with its metrics on (the figures come from them) and seed 0, released after use."""
-    from vllm import LLM
-
-    llm = LLM(model, seed=0, disable_log_stats=False, **kwargs)
-    try:
-        yield llm
-    finally:
-        del llm
-        gc.collect()
 
 
 def pooled_speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -355,6 +319,62 @@ def environment() -> dict[str, Any]:
     }
 
 
+WARM_UP_SEED = 10**6  # plus a round's seed: other videos than any measured batch's
+
+
+def sample_methods(
+    plan: list[Method],
+    rounds: list[tuple[Workload, int]],
+    start: Callable[[Method], EngineProcess],
+    requests: Callable[[Workload, int], Batch],
+    output_len: int,
+    interleaved: bool,
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every method's samples of every round (a workload's batch, by seed), by (method, workload) label;
+    before a workload's first round, each engine runs a batch of its shape that is not measured.
+
+    Interleaved, all engines are alive at once and every round's batch runs on each in turn, the order
+    reversed every other round (A B C, C B A, ...), so that a drift of the machine's speed falls on every
+    method alike; sequential, one engine at a time runs all rounds (models too large to hold one engine per
+    method)."""
+    groups = [plan] if interleaved else [[m] for m in plan]
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    progress = tqdm(total=len(plan) * len(rounds), desc="batches", unit="batch")
+    for group in groups:
+        starting = tqdm(group, desc="starting engines", unit="engine", leave=False)
+        with engine_processes(start(m) for m in starting) as engines:
+            warm: set[Workload] = set()
+            for i, (workload, seed) in enumerate(rounds):
+                turns = engines if i % 2 == 0 else engines[::-1]
+                if workload not in warm:  # first shapes of a batch size and context: not measured
+                    warm.add(workload)
+                    warm_up = requests(workload, WARM_UP_SEED + seed)
+                    for e in turns:
+                        e.sample(warm_up, 8)
+                batch = requests(workload, seed)
+                for e in turns:
+                    progress.set_postfix_str(f"{workload.label}: {e.label}")
+                    samples.setdefault((e.label, workload.label), []).append(e.sample(batch, output_len))
+                    progress.update()
+    progress.close()
+    return samples
+
+
+def kv_cache_bytes(model: str, dtype: str, tokens: int) -> int:
+    """KV cache bytes for `tokens` tokens of `model` (its text model's layers, KV heads and head size)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if dtype == "auto":
+        dtype = str(getattr(text, "torch_dtype", None) or config.torch_dtype or "bfloat16")
+    element = torch.empty((), dtype=getattr(torch, dtype.removeprefix("torch."))).element_size()
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * element * tokens
+
+
 def run(args: argparse.Namespace) -> int:
     from vllm_std.bench_report import write_report
 
@@ -364,40 +384,60 @@ def run(args: argparse.Namespace) -> int:
     # By default a workload's prompts all prefill in its first step, so that every later step is a pure
     # decode step (what the step costs and the cost model describe), as in the paper's measurements.
     batched_tokens = args.max_num_batched_tokens or max_model_len * max(args.batch)
+    engine_kwargs = {
+        "dtype": args.dtype,
+        "max_model_len": max_model_len,
+        "max_num_batched_tokens": batched_tokens,
+        "limit_mm_per_prompt": {"video": 1},
+        # Each engine holds what the largest workload needs (a quarter more: block rounding, drafts), not
+        # a share of the machine, so that all of a run's engines fit at once (VLLM_CPU_KVCACHE_SPACE, if
+        # set, overrides it).
+        "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)
+        if args.kv_cache_gib
+        else kv_cache_bytes(model, args.dtype, int(max(args.batch) * max_model_len * 1.25) + 1024),
+    }
+    plan = methods(args.methods, args.gamma, args.top_k)
+    rounds = [
+        (workload, 1000 * (i * args.repeats + r))
+        for i, workload in enumerate(workloads)
+        for r in range(args.repeats)
+    ]
+    samples = sample_methods(
+        plan,
+        rounds,
+        lambda m: EngineProcess(
+            m.label, model, engine_kwargs | {"speculative_config": m.speculative_config()}
+        ),
+        videos.requests,
+        args.output_len,
+        interleaved=args.schedule == "interleaved",
+    )
     records: list[dict[str, Any]] = []
     reference: dict[str, list[list[int]]] = {}
-    plan = methods(args.methods, args.gamma, args.top_k)
-    for method in tqdm(plan, desc="methods", unit="engine"):
-        with engine(
-            model,
-            dtype=args.dtype,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=batched_tokens,
-            limit_mm_per_prompt={"video": 1},
-            speculative_config=method.speculative_config(),
-        ) as llm:
-            measure(llm, [videos.requests(Workload(256, 1), seed=10**6)], 8)  # warm-up
-            for i, workload in enumerate(tqdm(workloads, desc=method.label, leave=False)):
-                seeds = [1000 * (i * args.repeats + r) for r in range(args.repeats)]
-                batches = [videos.requests(workload, seed=seed) for seed in seeds]
-                record = measure(llm, batches, args.output_len)
-                token_ids = record.pop("token_ids")
-                reference.setdefault(workload.label, token_ids)
-                record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
-                record["method"], record["workload"] = method.label, workload.label
-                record["identical_to_no_speculation"] = token_ids == reference[workload.label]
-                record["sparse_context"] = (
-                    min(method.top_k, workload.visual_tokens)
-                    + record["prompt_tokens"]
-                    - workload.visual_tokens
-                )
-                if method.kind != "adaptive":  # its draft length varies: no per-step cost to read
-                    step_costs(record, method.gamma)
-                records.append(record)
+    for method in plan:
+        for workload in workloads:
+            record = summarize(samples[method.label, workload.label])
+            token_ids = record.pop("token_ids")
+            reference.setdefault(workload.label, token_ids)
+            record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
+            record["method"], record["workload"] = method.label, workload.label
+            record["identical_to_no_speculation"] = token_ids == reference[workload.label]
+            record["sparse_context"] = (
+                min(method.top_k, workload.visual_tokens) + record["prompt_tokens"] - workload.visual_tokens
+            )
+            if method.kind != "adaptive":  # its draft length varies: no per-step cost to read
+                step_costs(record, method.gamma)
+            records.append(record)
     none = {r["workload"]: r for r in records if r["method"] == "none"}
     for r in records:
         if r["workload"] in none:
             r["speedup_tpot"] = none[r["workload"]]["tpot_seconds"] / r["tpot_seconds"]
+            r["speedup_tpot_by_batch"] = [
+                a / b
+                for a, b in zip(
+                    none[r["workload"]]["tpot_seconds_by_batch"], r["tpot_seconds_by_batch"], strict=True
+                )
+            ]
             r["speedup_throughput"] = (
                 r["output_tokens_per_second"] / none[r["workload"]]["output_tokens_per_second"]
             )
@@ -479,6 +519,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens",
         type=int,
         help="vLLM's prefill budget per step (default: a whole workload, so that decode steps are pure)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="interleaved (default): every method's engine alive at once, taking turns batch by batch; "
+        "sequential: one engine at a time (models too large to hold one engine per method)",
+    )
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="KV cache per engine (default: what the largest workload needs)",
     )
     parser.add_argument("--question", default="What happens in the video?")
     parser.add_argument("--frame-side", type=int, default=224)

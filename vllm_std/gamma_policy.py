@@ -4,7 +4,8 @@ where none pays. Pure python (no vLLM), so the decisions can be tested on synthe
 A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
 changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it. A request
 that stopped drafting probes every `probe_interval` steps, and at once again after a probe that was
-accepted, so that it notices soon when drafting would pay again. A probe drafts the fewest tokens that would
+accepted, so that it notices soon when drafting would pay again; a request that has not drafted yet probes at
+its first step. A probe drafts the fewest tokens that would
 pay (speed the batch up) if all were accepted; where not even that pays, acceptance is not what stops
 drafting, and nothing is probed.
 """
@@ -111,7 +112,10 @@ class GammaPolicy:
                 self._idle_steps.pop(req_id, None)
                 decisions.append(Decision(gammas[i], "paying"))
                 continue
-            idle = self._idle_steps.get(req_id, 0) + 1
+            # A request that has never drafted probes at once: its own acceptance is unknown until it drafts,
+            # and the engine-wide estimate may come from other videos (or be the bare prior).
+            new = req_id not in self.requests and req_id not in self._idle_steps
+            idle = self.probe_interval if new else self._idle_steps.get(req_id, 0) + 1
             due = idle >= self.probe_interval
             probe = self._probe_gamma(cost, rows, gammas, i) if due else 0
             self._idle_steps[req_id] = 0 if due else idle

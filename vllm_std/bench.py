@@ -390,8 +390,8 @@ def run(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": batched_tokens,
         "limit_mm_per_prompt": {"video": 1},
         # Each engine holds what the largest workload needs (a quarter more: block rounding, drafts), not
-        # a share of the machine, so that all of a run's engines fit at once (VLLM_CPU_KVCACHE_SPACE, if
-        # set, overrides it).
+        # a share of the machine, so that all of a run's engines fit at once (VLLM_CPU_KVCACHE_SPACE is
+        # not passed on to them).
         "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)
         if args.kv_cache_gib
         else kv_cache_bytes(model, args.dtype, int(max(args.batch) * max_model_len * 1.25) + 1024),

@@ -143,6 +143,10 @@ def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any]) -> None:
     """The engine process: builds the engine (vLLM's engine core in this same process, unless the user's
     environment says otherwise, so that an idle engine is one idle process) and samples what it is sent."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if "kv_cache_memory_bytes" in engine_kwargs:
+        # vLLM's CPU platform lets this legacy variable replace any explicit size: one engine's share of
+        # the machine, set once for all, would have every engine of the run take it.
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     try:
         with engine(model, **engine_kwargs) as llm:
             conn.send(("ok", None))

@@ -5,7 +5,7 @@ feeds it: the per-step overhead, mixed-step costs, and saved cost profiles."""
 
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -61,9 +61,9 @@ def test_decisions_never_predict_a_slowdown(
     probe_interval: int,
 ) -> None:
     """Whatever the costs, the batch and the histories: the "paying" lengths are the cost model's plan for
-    the batch, which never predicts a slowdown; a request the plan leaves out may probe every
-    `probe_interval` idle steps (a request that has not drafted yet, at once), and does, with the fewest
-    drafts that would speed the batch up if all were accepted, unless not even that would."""
+    the batch, which never predicts a slowdown; the requests the plan leaves out probe together in rounds
+    whose spacing doubles from `probe_interval` (a request that has not drafted yet, at once), with the
+    fewest drafts that would speed the batch up if all were accepted, unless not even that would."""
     policy = GammaPolicy(max_gamma, probe_interval)
     drafting = []
     for i, ((_, context, kept), rounds) in enumerate(requests):
@@ -74,25 +74,36 @@ def test_decisions_never_predict_a_slowdown(
     rows += [(n, n, None) for n in others]
     plan = cost.plan(rows, max_gamma)
     assert cost.rate(rows, plan) >= cost.rate(rows, [0] * len(rows))
-    # A request that has not drafted yet is due to probe at its first step.
-    idle = [0 if rounds and max(d for d, _ in rounds) else probe_interval - 1 for _, rounds in requests]
-    for _ in range(3 * probe_interval):
+    new = {i for i, (_, rounds) in enumerate(requests) if not rounds}
+    since, wait, probe_rounds = 0, probe_interval, []
+    for step in range(12 * probe_interval):
         decisions = policy.decide(cost, drafting, others)
+        since += 1
+        due, probed, idle = since >= wait, False, False
         for i, decision in enumerate(decisions):
             if plan[i]:
                 assert (decision.gamma, decision.reason) == (plan[i], "paying")
                 continue
-            idle[i] += 1
             before = [d.gamma for d in decisions[:i]] + plan[i:]
-            due = idle[i] == probe_interval
-            idle[i] %= probe_interval
+            idle |= i not in new
             if decision.reason == "not_paying":
                 assert decision.gamma == 0
-                assert not due or not _pays(cost, rows, before, i, range(1, max_gamma + 1))
+                assert not (due or i in new) or not _pays(cost, rows, before, i, range(1, max_gamma + 1))
                 continue
-            assert decision.reason == "probe" and due
+            assert decision.reason == "probe" and (due or i in new)
             assert _pays(cost, rows, before, i, [decision.gamma])
             assert not _pays(cost, rows, before, i, range(1, decision.gamma))
+            probed |= due and i not in new
+        new.clear()
+        if due:
+            since = 0
+            if idle:
+                wait = min(2 * wait, GammaPolicy.MAX_BACKOFF * probe_interval)
+            if probed:
+                probe_rounds.append(step)
+    # Rejected (here: never verified) probes back off: each round waits twice as long as the one before.
+    gaps = [b - a for a, b in itertools.pairwise(probe_rounds)]
+    assert gaps == [min(probe_interval * 2 ** (k + 1), 8 * probe_interval) for k in range(len(gaps))]
 
 
 def _pays(cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int, lengths: Iterable[int]) -> bool:
@@ -122,16 +133,18 @@ def test_learns_to_draft_where_acceptance_is_high() -> None:
 
 def test_stops_drafting_where_acceptance_is_low_then_resumes() -> None:
     """A changed pattern is noticed both ways: drafting stops within a few rounds of rejections, probes
-    continue every `probe_interval` steps, and accepted probes bring drafting back."""
+    continue at a spacing that doubles from `probe_interval` while they are rejected, and accepted probes
+    bring drafting back."""
     policy = GammaPolicy(max_gamma=8, probe_interval=4)
     _run(policy, CPU, accept=True, steps=40)
-    rejecting = _run(policy, CPU, accept=False, steps=40)
+    rejecting = _run(policy, CPU, accept=False, steps=80)
     first_zero = rejecting.index(0)
     assert first_zero <= 6
     idle = rejecting[first_zero:]
     probes = [i for i, gamma in enumerate(idle) if gamma]
-    assert set(idle) == {0, 1} and len(probes) >= 8
-    assert all(b - a == 4 for a, b in itertools.pairwise(probes))
+    assert set(idle) == {0, 1}
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps[:3] == [8, 16, 32] and set(gaps[3:]) <= {32}
     accepting = _run(policy, CPU, accept=True, steps=40)
     assert accepting[-1] >= 2
 
@@ -148,15 +161,45 @@ def test_a_new_request_starts_from_the_engine_wide_acceptance() -> None:
 
 def test_a_new_request_probes_at_once() -> None:
     """Before any round, the bare prior (1/2 per position) does not pay at this context, but the request's
-    own acceptance is unknown: it probes at its first step, then every `probe_interval` steps."""
+    own acceptance is unknown: it probes at its first step, then with the batch's probe rounds (every
+    `probe_interval` steps at first, counted from its first step here)."""
     policy = GammaPolicy(max_gamma=6, probe_interval=16)
     assert CPU.plan([(CONTEXT, SPARSE, policy.accepted_at("new"))], 6) == [0]
     first = policy.decide(CPU, [("new", CONTEXT, SPARSE)], [])[0]
     assert first.reason == "probe" and first.gamma > 0
     policy.record("new", first.gamma, 0)
-    assert [policy.decide(CPU, [("new", CONTEXT, SPARSE)], [])[0].reason for _ in range(15)] == [
-        "not_paying"
-    ] * 15
+    reasons = [policy.decide(CPU, [("new", CONTEXT, SPARSE)], [])[0].reason for _ in range(15)]
+    assert reasons == ["not_paying"] * 14 + ["probe"]
+
+
+class _CountingPlans(CostModel):
+    plans = 0
+
+    def plan(self, rows: Sequence[RoundRow], max_gamma: int) -> list[int]:
+        type(self).plans += 1
+        return super().plan(rows, max_gamma)
+
+
+def test_idle_requests_probe_together_and_idle_plans_are_rechecked() -> None:
+    """Three requests that do not pay: after their first-step probes, they probe in the same steps (one
+    verify step for all); between probes the all-zero plan is reused, re-planned every `REPLAN_STEPS`
+    steps, at once when the batch changes, a round is verified or a probe is due."""
+    cost = _CountingPlans(CPU.dense, CPU.draft, CPU.verify)
+    _CountingPlans.plans = 0
+    policy = GammaPolicy(max_gamma=6, probe_interval=16)
+    batch = [(f"r{i}", CONTEXT, SPARSE) for i in range(3)]
+    for req_id, *_ in batch:
+        policy.record(req_id, 4, 0)  # rounds of its own, all rejected: nothing pays
+    steps = [[d.reason for d in policy.decide(cost, batch, [])] for _ in range(48)]
+    probe_steps = [i for i, reasons in enumerate(steps) if "probe" in reasons]
+    assert probe_steps == [15, 47] and all(steps[i] == ["probe"] * 3 for i in probe_steps)
+    # Plans at the first step, at each probe round, and 8 steps after the last plan: steps 0, 8, 15, 23, 31,
+    # 39, 47; none in between.
+    assert _CountingPlans.plans == 7
+    policy.decide(cost, batch[:2], [])  # the batch changed
+    policy.record("r0", 1, 0)
+    policy.decide(cost, batch[:2], [])  # a round was verified
+    assert _CountingPlans.plans == 9
 
 
 def test_never_drafts_where_verify_cannot_pay() -> None:

@@ -389,6 +389,9 @@ def run(args: argparse.Namespace) -> int:
         "max_model_len": max_model_len,
         "max_num_batched_tokens": batched_tokens,
         "limit_mm_per_prompt": {"video": 1},
+        # Every batch brings videos no engine has seen, so vLLM's processed-input cache (4 GiB per engine by
+        # default) would only fill: at 8k x4 with ten engines alive, it ran the machine out of memory.
+        "mm_processor_cache_gb": 0,
         # Each engine holds what the largest workload needs (a quarter more: block rounding, drafts), not
         # a share of the machine, so that all of a run's engines fit at once (VLLM_CPU_KVCACHE_SPACE is
         # not passed on to them).

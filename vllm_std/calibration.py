@@ -13,7 +13,7 @@ import collections
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class StartupCalibration:
     """Times forward passes over scratch KV blocks and fits `CostModel` to them."""
 
-    REPEATS = 3
+    REPEATS = 7
     MAX_BATCH = 4
     MAX_CONTEXT = 32_768
 
@@ -44,23 +44,39 @@ class StartupCalibration:
         self.contexts = sorted({min(8 * block_size, long), long})
 
     def run(self) -> CostModel:
-        dense, draft, verify = [], [], []
+        shapes: list[tuple[str, int, int, int]] = []  # (kind, batch, context, gamma)
         for batch in sorted({1, self.batch}):
             for context in self.contexts:
-                dense.append((batch, context, self._time(batch, context, 1, sparse=False)))
-                draft.append((batch, context, self._time(batch, context, 1, sparse=True)))
-                for gamma in sorted({1, self.max_gamma}):
-                    seconds = self._time(batch, context, gamma + 1, sparse=False)
-                    verify.append((batch, context, gamma, seconds))
+                shapes += [("dense", batch, context, 0), ("draft", batch, context, 0)]
+                shapes += [("verify", batch, context, gamma) for gamma in sorted({1, self.max_gamma})]
+        passes = [
+            self._forward(batch, context, gamma + 1, kind == "draft")
+            for kind, batch, context, gamma in shapes
+        ]
+        for forward in passes:  # untimed: first runs of a shape pay for allocations
+            forward()
+        # Every round times each shape once, so that a change of the machine's speed during the calibration
+        # (other tenants of a shared CPU) falls on dense, draft and verify steps alike: the policy weighs
+        # their ratios.
+        seconds: list[list[float]] = [[] for _ in shapes]
+        for _ in range(self.REPEATS):
+            for times, forward in zip(seconds, passes, strict=True):
+                start = time.perf_counter()
+                forward()
+                times.append(time.perf_counter() - start)
+        measured = collections.defaultdict(list)
+        for (kind, batch, context, gamma), times in zip(shapes, seconds, strict=True):
+            point = (batch, context, gamma) if kind == "verify" else (batch, context)
+            measured[kind].append((*point, statistics.median(times)))
         return CostModel(
-            fit_step_cost(*zip(*dense, strict=True)),
-            fit_step_cost(*zip(*draft, strict=True)),
-            fit_verify_cost(*zip(*verify, strict=True)),
+            fit_step_cost(*zip(*measured["dense"], strict=True)),
+            fit_step_cost(*zip(*measured["draft"], strict=True)),
+            fit_verify_cost(*zip(*measured["verify"], strict=True)),
         )
 
-    def _time(self, batch: int, context: int, query_len: int, sparse: bool) -> float:
-        """Median seconds of a forward over `batch` rows reading `context` cached tokens plus `query_len` new
-        ones (after one untimed run of the same shape)."""
+    def _forward(self, batch: int, context: int, query_len: int, sparse: bool) -> Callable[[], None]:
+        """A forward over `batch` rows reading `context` cached tokens plus `query_len` new ones, built as
+        drafting (`sparse`) or the target builds it, from its metadata to its logits on the host."""
         view, block_size = self.view, self.view.block_size
         seq_len = context + query_len
         num_blocks = -(-seq_len // block_size)
@@ -72,9 +88,8 @@ class StartupCalibration:
         common = view.common_metadata(seq_lens, table, slots, query_len)
         builder = view.attn_group.get_metadata_builder()
         tokens = torch.ones(batch * query_len, dtype=torch.int64)
-        seconds = []
-        for _ in range(self.REPEATS + 1):
-            start = time.perf_counter()
+
+        def forward() -> None:
             if sparse:
                 tables = table.expand(len(view.layer_names), -1, -1)
                 metadata = self.adapter.sparse_metadata(builder, common, tables, view.layer_names)
@@ -83,8 +98,8 @@ class StartupCalibration:
                 metadata = dict.fromkeys(view.layer_names, shared)
             logits = view.draft_logits(tokens, positions, slots, metadata)
             float(logits[-1, 0])  # waits for the device
-            seconds.append(time.perf_counter() - start)
-        return statistics.median(seconds[1:])
+
+        return forward
 
 
 class StepOverhead:

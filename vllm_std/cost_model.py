@@ -173,6 +173,18 @@ class CostModel:
         tokens, seconds = self._round_terms(rows, max(gammas, default=0))
         return self._rate(tokens, seconds, np.asarray(gammas, dtype=int))
 
+    def fewest_paying(self, rows: Sequence[RoundRow], gammas: Sequence[int], i: int, max_gamma: int) -> int:
+        """The fewest drafts, up to `max_gamma`, for row `i` that give the batch a higher predicted rate than
+        `gammas` (0: none do)."""
+        tokens, seconds = self._round_terms(rows, max(max_gamma, *gammas))
+        others = np.asarray(gammas, dtype=int)
+        without = self._rate(tokens, seconds, others)
+        for gamma in range(1, max_gamma + 1):
+            others[i] = gamma
+            if self._rate(tokens, seconds, others) > without:
+                return gamma
+        return 0
+
     def _rate(self, tokens: np.ndarray, seconds: np.ndarray, gammas: np.ndarray) -> float:
         index = np.arange(len(gammas)), gammas
         longest = int(gammas.max(initial=0))

@@ -2,12 +2,15 @@
 where none pays. Pure python (no vLLM), so the decisions can be tested on synthetic costs and acceptance.
 
 A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
-changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it. A request
-that stopped drafting probes every `probe_interval` steps, and at once again after a probe that was
-accepted, so that it notices soon when drafting would pay again; a request that has not drafted yet probes at
-its first step. A probe drafts the fewest tokens that would
-pay (speed the batch up) if all were accepted; where not even that pays, acceptance is not what stops
-drafting, and nothing is probed.
+changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it.
+
+Requests that stopped drafting probe together, in one round every `probe_interval` steps, so that they
+notice when drafting would pay again; they share the round's verify step. Each probe round doubles the
+wait before the next (up to `MAX_BACKOFF` times `probe_interval`), so rejected probes cost ever less; a
+probe that is fully accepted resets it, and its request probes again at the next step. A request that has not
+drafted yet probes at its first step. A probe drafts the fewest tokens that would pay (speed the batch up)
+if all were accepted; where not even that pays, acceptance is not what stops drafting, and nothing is
+probed.
 """
 
 import dataclasses
@@ -67,13 +70,25 @@ class GammaPolicy:
     ENGINE_DECAY = 0.99
     REQUEST_DECAY = 0.9
     PRIOR_STRENGTH = 1.0
+    # Each probe round doubles the wait before the next, up to this factor of `probe_interval`, until a
+    # probe is fully accepted: a rejected probe costs a draft step and a verify step, about one plain step.
+    MAX_BACKOFF = 8
+    # While nothing pays, the plan is checked again after this many steps (contexts grow by one token per
+    # step), or at once when the batch changes or a round is verified.
+    REPLAN_STEPS = 8
 
     def __init__(self, max_gamma: int, probe_interval: int) -> None:
         self.max_gamma = max_gamma
         self.probe_interval = probe_interval
         self.engine = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
         self.requests: dict[str, AcceptanceTracker] = {}
-        self._idle_steps: dict[str, int] = {}
+        self.wait = probe_interval  # steps between probe rounds
+        self._since_probe = 0
+        self._seen: set[str] = set()
+        self._again: set[str] = set()  # its last probe was fully accepted: it probes again at the next step
+        self._probing: set[str] = set()
+        self._idle_batch: tuple[tuple[str, ...], int] | None = None  # a batch whose plan was all zeros
+        self._idle_age = 0
 
     def record(self, req_id: str, drafted: int, accepted: int) -> None:
         """The outcome of a verified round: `accepted` of the `drafted` tokens."""
@@ -82,14 +97,19 @@ class GammaPolicy:
         self.engine.update(drafted, accepted)
         tracker = self.requests.setdefault(req_id, AcceptanceTracker(self.max_gamma, self.REQUEST_DECAY))
         tracker.update(drafted, accepted)
-        if req_id in self._idle_steps and accepted == drafted:
-            self._idle_steps[req_id] = self.probe_interval - 1  # an accepted probe: probe again next step
+        self._seen.add(req_id)
+        self._idle_batch = None
+        if req_id in self._probing:
+            self._probing.discard(req_id)
+            if accepted == drafted:
+                self._again.add(req_id)
+                self.wait = self.probe_interval
 
     def forget(self, live_req_ids: set[str]) -> None:
         for req_id in [r for r in self.requests if r not in live_req_ids]:
             del self.requests[req_id]
-        for req_id in [r for r in self._idle_steps if r not in live_req_ids]:
-            del self._idle_steps[req_id]
+        for ids in (self._seen, self._again, self._probing):
+            ids.intersection_update(live_req_ids)
 
     def accepted_at(self, req_id: str) -> list[float]:
         """The request's conditional acceptance per draft position (the engine's until it has rounds)."""
@@ -102,34 +122,53 @@ class GammaPolicy:
     ) -> list[Decision]:
         """Draft lengths for the requests `(req_id, context, sparse context)` that may draft this step, in
         a batch that also holds requests of contexts `others` that may not: the lengths that maximise the
-        batch's predicted tokens per second (`CostModel.plan`), then probes for requests idle long enough."""
+        batch's predicted tokens per second (`CostModel.plan`), then probes for the requests left out."""
+        batch = (tuple(req_id for req_id, *_ in drafting), len(others))
+        self._since_probe += 1
+        due = self._since_probe >= self.wait
+        if self._still_idle(batch, due):
+            return [Decision(0, "not_paying")] * len(drafting)
         rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
         rows += [(n, n, None) for n in others]
         gammas = cost.plan(rows, self.max_gamma)
-        decisions = []
+        self._idle_batch, self._idle_age = (None if any(gammas) else batch), 1
+        decisions, idle = [], False
         for i, (req_id, *_) in enumerate(drafting):
+            again = req_id in self._again
+            self._again.discard(req_id)
             if gammas[i] > 0:
-                self._idle_steps.pop(req_id, None)
                 decisions.append(Decision(gammas[i], "paying"))
                 continue
             # A request that has never drafted probes at once: its own acceptance is unknown until it drafts,
             # and the engine-wide estimate may come from other videos (or be the bare prior).
-            new = req_id not in self.requests and req_id not in self._idle_steps
-            idle = self.probe_interval if new else self._idle_steps.get(req_id, 0) + 1
-            due = idle >= self.probe_interval
-            probe = self._probe_gamma(cost, rows, gammas, i) if due else 0
-            self._idle_steps[req_id] = 0 if due else idle
-            gammas[i] = probe
+            new = req_id not in self._seen
+            idle |= not new
+            probe = self._probe_gamma(cost, rows, gammas, i) if new or again or due else 0
+            if probe:
+                gammas[i] = probe
+                self._probing.add(req_id)
             decisions.append(Decision(probe, "probe") if probe else Decision(0, "not_paying"))
+        self._seen.update(batch[0])
+        if due:
+            self._since_probe = 0
+            if idle:  # a probe round (whether or not any probe could pay): the next one waits longer
+                self.wait = min(2 * self.wait, self.MAX_BACKOFF * self.probe_interval)
         return decisions
+
+    def _still_idle(self, batch: tuple[tuple[str, ...], int], due: bool) -> bool:
+        """Whether this step may skip planning: the same batch as a plan that drafted nothing, fewer than
+        `REPLAN_STEPS` steps ago, with no round verified since and no probe due (the common step of a
+        batch that does not draft, which then costs almost nothing)."""
+        if batch != self._idle_batch or self._idle_age >= self.REPLAN_STEPS or due:
+            return False
+        if any(req_id in self._again or req_id not in self._seen for req_id in batch[0]):
+            return False
+        self._idle_age += 1
+        return True
 
     def _probe_gamma(self, cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int) -> int:
         """The fewest drafts for row `i` that would speed the batch up if every one were accepted (0: none
         would)."""
         context, sparse, _ = rows[i]
         hopeful = [*rows[:i], (context, sparse, [1.0]), *rows[i + 1 :]]
-        without = cost.rate(hopeful, gammas)
-        for gamma in range(1, self.max_gamma + 1):
-            if cost.rate(hopeful, [*gammas[:i], gamma, *gammas[i + 1 :]]) > without:
-                return gamma
-        return 0
+        return cost.fewest_paying(hopeful, gammas, i, self.max_gamma)

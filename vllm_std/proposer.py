@@ -50,6 +50,8 @@ class _DraftRequest:
 class STDProposer:
     """Drafts with the target model reading only its top-K visual blocks per layer plus all other tokens."""
 
+    OVERHEAD_REFRESH = 16
+
     def __init__(self, vllm_config: Any) -> None:
         self.vllm_config = vllm_config
         self.config = STDConfig.from_vllm_config(vllm_config)
@@ -65,6 +67,8 @@ class STDProposer:
         self.cost: CostModel | None = None
         self.policy: GammaPolicy | None = None
         self.overhead = StepOverhead()
+        self._priced: CostModel | None = None
+        self._priced_steps = 0
         self._verifying: dict[str, int] = {}  # drafts each request verifies in the step being run
         self._step_rows: list[tuple[float, int]] | None = None
         self._round_end: float | None = None
@@ -264,10 +268,7 @@ class STDProposer:
         elif self.policy is None:
             return self.view.broadcast_from_rank0(None)
         else:
-            assert self.cost is not None
-            cost = self.cost.with_overhead(
-                self.overhead.fixed, self.overhead.per_draft, self.overhead.per_draft_step
-            )
+            cost = self._priced_cost()
             block_size = self.view.block_size
             drafting = [
                 (req_id, float(n), float(self.scorer.selections[req_id].drafter_context(n, block_size)))
@@ -279,6 +280,17 @@ class STDProposer:
                 self.metrics.gamma_chosen(decision)
         gammas = [d.gamma for d in decisions]
         return self.view.broadcast_from_rank0(gammas) if self.config.adaptive else gammas
+
+    def _priced_cost(self) -> CostModel:
+        """The cost model with the engine's measured overheads, read again every `OVERHEAD_REFRESH` steps
+        (medians over the last 64 steps move slowly; reading them costs a tenth of a millisecond)."""
+        assert self.cost is not None
+        if self._priced is None or self._priced_steps >= self.OVERHEAD_REFRESH:
+            o = self.overhead
+            self._priced = self.cost.with_overhead(o.fixed, o.per_draft, o.per_draft_step)
+            self._priced_steps = 0
+        self._priced_steps += 1
+        return self._priced
 
     def _draft_step(self, requests: list[_DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
         assert self.view is not None and self.adapter is not None

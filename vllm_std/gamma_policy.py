@@ -74,7 +74,7 @@ class GammaPolicy:
     # probe is fully accepted: a rejected probe costs a draft step and a verify step, about one plain step.
     MAX_BACKOFF = 8
     # While nothing pays, the plan is checked again after this many steps (contexts grow by one token per
-    # step), or at once when the batch changes or a round is verified.
+    # step), or at once when the batch changes, a round is verified or a probe is due.
     REPLAN_STEPS = 8
 
     def __init__(self, max_gamma: int, probe_interval: int) -> None:
@@ -82,7 +82,7 @@ class GammaPolicy:
         self.probe_interval = probe_interval
         self.engine = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
         self.requests: dict[str, AcceptanceTracker] = {}
-        self.wait = probe_interval  # steps between probe rounds
+        self._wait = probe_interval  # steps between probe rounds
         self._since_probe = 0
         self._seen: set[str] = set()
         self._again: set[str] = set()  # its last probe was fully accepted: it probes again at the next step
@@ -103,7 +103,7 @@ class GammaPolicy:
             self._probing.discard(req_id)
             if accepted == drafted:
                 self._again.add(req_id)
-                self.wait = self.probe_interval
+                self._wait = self.probe_interval
 
     def forget(self, live_req_ids: set[str]) -> None:
         for req_id in [r for r in self.requests if r not in live_req_ids]:
@@ -125,7 +125,7 @@ class GammaPolicy:
         batch's predicted tokens per second (`CostModel.plan`), then probes for the requests left out."""
         batch = (tuple(req_id for req_id, *_ in drafting), len(others))
         self._since_probe += 1
-        due = self._since_probe >= self.wait
+        due = self._since_probe >= self._wait
         if self._still_idle(batch, due):
             return [Decision(0, "not_paying")] * len(drafting)
         rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
@@ -152,7 +152,7 @@ class GammaPolicy:
         if due:
             self._since_probe = 0
             if idle:  # a probe round (whether or not any probe could pay): the next one waits longer
-                self.wait = min(2 * self.wait, self.MAX_BACKOFF * self.probe_interval)
+                self._wait = min(2 * self._wait, self.MAX_BACKOFF * self.probe_interval)
         return decisions
 
     def _still_idle(self, batch: tuple[tuple[str, ...], int], due: bool) -> bool:

@@ -107,22 +107,30 @@ def test_markdown_table_marks_differing_output() -> None:
 
 
 def test_pooled_speedups_pair_each_method_with_its_repeat() -> None:
-    """Mean over both runs of no speculation against the method's two; methods run once are left out."""
+    """Both runs of no speculation against the method's two, from the means and batch by batch (median);
+    methods run once are left out; the second run without speculation against the first is the noise."""
     records = [
-        {"method": m, "kind": k, "workload": "1k x1", "tpot_seconds": t}
+        {"method": m, "kind": k, "workload": "1k x1", "tpot_seconds": sum(t) / 3, "tpot_seconds_by_batch": t}
         for m, k, t in [
-            ("none", "none", 0.010),
-            ("adaptive g<=6 K256", "adaptive", 0.009),
-            ("std g6 K256", "std", 0.008),
-            ("adaptive g<=6 K256 again", "adaptive", 0.011),
-            ("none again", "none", 0.014),
+            ("none", "none", [0.010, 0.010, 0.010]),
+            ("adaptive g<=6 K256", "adaptive", [0.009, 0.009, 0.009]),
+            ("std g6 K256", "std", [0.008, 0.008, 0.008]),
+            ("adaptive g<=6 K256 again", "adaptive", [0.011, 0.011, 0.042]),  # a stall in its last batch
+            ("none again", "none", [0.014, 0.014, 0.014]),
         ]
     ]
     pooled = pooled_speedups(records)
-    assert pooled == [
-        {"method": "adaptive g<=6 K256", "workload": "1k x1", "speedup_tpot": pytest.approx(1.2)}
+    assert [(p["method"], p["workload"]) for p in pooled] == [
+        ("adaptive g<=6 K256", "1k x1"),
+        ("none again", "1k x1"),
     ]
-    assert "| adaptive g<=6 K256 | 1.20x |" in pooled_table(pooled)
+    adaptive, noise = pooled
+    assert adaptive["speedup_tpot"] == pytest.approx(0.072 / 0.091)
+    assert adaptive["speedup_tpot_by_batch"] == pytest.approx([1.2, 1.2, 0.024 / 0.051])
+    assert adaptive["speedup_tpot_median"] == pytest.approx(1.2)
+    assert noise["speedup_tpot"] == noise["speedup_tpot_median"] == pytest.approx(0.010 / 0.014)
+    table = pooled_table(pooled)
+    assert "| adaptive g<=6 K256 | 0.79x / 1.20x |" in table and "| none again | 0.71x / 0.71x |" in table
     assert pooled_table([]) == ""
 
 

@@ -35,7 +35,7 @@ def test_bare_std_gives_the_defaults() -> None:
     assert cfg.top_k == 1024
     assert cfg.modalities == ("video", "image")
     assert cfg.min_visual_tokens == 1
-    assert (cfg.adaptive, cfg.probe_interval, cfg.cost_profile) == (True, 16, None)
+    assert (cfg.adaptive, cfg.probe_interval, cfg.min_gain, cfg.cost_profile) == (True, 16, 0.1, None)
     assert STDConfig.parse({}) == cfg
     assert STDConfig.parse({"method": "std"}) == cfg
 
@@ -51,11 +51,12 @@ def test_valid_dict() -> None:
         "selection": "streaming",
         "adaptive": False,
         "probe_interval": 4,
+        "min_gain": 0,
     }
     cfg = STDConfig.parse(raw)
     got = (cfg.num_speculative_tokens, cfg.top_k, cfg.modalities, cfg.min_visual_tokens, cfg.selection)
     assert got == (9, 256, ("video",), 0, "streaming")
-    assert (cfg.adaptive, cfg.probe_interval) == (False, 4)
+    assert (cfg.adaptive, cfg.probe_interval, cfg.min_gain) == (False, 4, 0.0)
 
 
 @pytest.mark.parametrize("gamma", [1, 32])
@@ -105,6 +106,7 @@ def test_to_additional_config_excludes_method_and_gamma() -> None:
         "selection": "attention",
         "adaptive": True,
         "probe_interval": 16,
+        "min_gain": 0.1,
         "cost_profile": None,
     }
     assert "method" not in extra and "num_speculative_tokens" not in extra

@@ -52,6 +52,7 @@ histories = st.lists(st.tuples(st.integers(1, 8), st.integers(0, 8)), max_size=1
     st.lists(st.floats(100, 200_000), max_size=2),
     st.integers(1, 8),
     st.integers(1, 5),
+    st.sampled_from([0.0, 0.1]),
 )
 def test_decisions_never_predict_a_slowdown(
     cost: CostModel,
@@ -59,12 +60,14 @@ def test_decisions_never_predict_a_slowdown(
     others: list[float],
     max_gamma: int,
     probe_interval: int,
+    min_gain: float,
 ) -> None:
     """Whatever the costs, the batch and the histories: the "paying" lengths are the cost model's plan for
-    the batch, which never predicts a slowdown; the requests the plan leaves out probe together in rounds
-    whose spacing doubles from `probe_interval` (a request that has not drafted yet, at once), with the
-    fewest drafts that would speed the batch up if all were accepted, unless not even that would."""
-    policy = GammaPolicy(max_gamma, probe_interval)
+    the batch, which never predicts a gain of `min_gain` or less; the requests the plan leaves out probe
+    together in rounds whose spacing doubles from `probe_interval` (a request that has not drafted yet, at
+    once), with the fewest drafts that would speed the batch up by more than `min_gain` if all were
+    accepted, unless not even that would."""
+    policy = GammaPolicy(max_gamma, probe_interval, min_gain)
     drafting = []
     for i, ((_, context, kept), rounds) in enumerate(requests):
         for drafted, accepted in rounds:
@@ -72,14 +75,16 @@ def test_decisions_never_predict_a_slowdown(
         drafting.append((f"r{i}", context, context * kept))
     rows: list[RoundRow] = [(n, sparse, policy.accepted_at(r)) for r, n, sparse in drafting]
     rows += [(n, n, None) for n in others]
-    plan = cost.plan(rows, max_gamma)
-    assert cost.rate(rows, plan) >= cost.rate(rows, [0] * len(rows))
+    plan = cost.plan(rows, max_gamma, min_gain)
+    assert not any(plan) or cost.rate(rows, plan) > cost.rate(rows, [0] * len(rows)) * (1 + min_gain)
     new = {i for i, (_, rounds) in enumerate(requests) if not rounds}
-    since, wait, probe_rounds = 0, probe_interval, []
-    for step in range(12 * probe_interval):
+    # The probe rounds the decisions are checked against: rejected (here: never verified) probes back off,
+    # each round waiting twice as long as the one before.
+    since, wait = 0, probe_interval
+    for _ in range(12 * probe_interval):
         decisions = policy.decide(cost, drafting, others)
         since += 1
-        due, probed, idle = since >= wait, False, False
+        due, idle = since >= wait, False
         for i, decision in enumerate(decisions):
             if plan[i]:
                 assert (decision.gamma, decision.reason) == (plan[i], "paying")
@@ -88,29 +93,27 @@ def test_decisions_never_predict_a_slowdown(
             idle |= i not in new
             if decision.reason == "not_paying":
                 assert decision.gamma == 0
-                assert not (due or i in new) or not _pays(cost, rows, before, i, range(1, max_gamma + 1))
+                assert not (due or i in new) or not _pays(
+                    cost, rows, before, i, range(1, max_gamma + 1), min_gain
+                )
                 continue
             assert decision.reason == "probe" and (due or i in new)
-            assert _pays(cost, rows, before, i, [decision.gamma])
-            assert not _pays(cost, rows, before, i, range(1, decision.gamma))
-            probed |= due and i not in new
+            assert _pays(cost, rows, before, i, [decision.gamma], min_gain)
+            assert not _pays(cost, rows, before, i, range(1, decision.gamma), min_gain)
         new.clear()
         if due:
             since = 0
             if idle:
                 wait = min(2 * wait, GammaPolicy.MAX_BACKOFF * probe_interval)
-            if probed:
-                probe_rounds.append(step)
-    # Rejected (here: never verified) probes back off: each round waits twice as long as the one before.
-    gaps = [b - a for a, b in itertools.pairwise(probe_rounds)]
-    assert gaps == [min(probe_interval * 2 ** (k + 1), 8 * probe_interval) for k in range(len(gaps))]
 
 
-def _pays(cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int, lengths: Iterable[int]) -> bool:
-    """Whether request `i` drafting one of `lengths` on top of `gammas` speeds the batch up if all its
-    drafts are accepted."""
+def _pays(
+    cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int, lengths: Iterable[int], min_gain: float
+) -> bool:
+    """Whether request `i` drafting one of `lengths` on top of `gammas` speeds the batch up by more than
+    `min_gain` if all its drafts are accepted."""
     hopeful = [*rows[:i], (rows[i][0], rows[i][1], [1.0]), *rows[i + 1 :]]
-    without = cost.rate(hopeful, gammas)
+    without = cost.rate(hopeful, gammas) * (1 + min_gain)
     return any(cost.rate(hopeful, [*gammas[:i], g, *gammas[i + 1 :]]) > without for g in lengths)
 
 
@@ -149,6 +152,31 @@ def test_stops_drafting_where_acceptance_is_low_then_resumes() -> None:
     assert accepting[-1] >= 2
 
 
+def test_accepted_probes_double_until_the_plan_drafts() -> None:
+    """A request whose drafts were rejected and are now accepted again: its first probe drafts the fewest
+    tokens that would pay, each fully accepted probe is followed at the next step by one twice as long (up
+    to gamma), and once its estimate has caught up the plan drafts for it: one round per doubling instead
+    of one round per position of evidence."""
+    policy = GammaPolicy(max_gamma=8, probe_interval=4)
+    for _ in range(3):
+        policy.record("r", 4, 0)
+    decisions = []
+    for _ in range(20):
+        decision = policy.decide(CPU, [("r", CONTEXT, SPARSE)], [])[0]
+        policy.record("r", decision.gamma, decision.gamma)
+        decisions.append((decision.gamma, decision.reason))
+    first = next(i for i, (gamma, _) in enumerate(decisions) if gamma)
+    assert decisions[first : first + 5] == [
+        (1, "probe"),
+        (2, "probe"),
+        (4, "probe"),
+        (8, "probe"),
+        (8, "probe"),
+    ]
+    assert decisions[-1] == (8, "paying")
+    assert {gamma for gamma, _ in decisions[first + 3 :]} == {8}
+
+
 def test_a_new_request_starts_from_the_engine_wide_acceptance() -> None:
     policy = GammaPolicy(max_gamma=6, probe_interval=16)
     assert policy.accepted_at("new") == [0.5] * 6  # nothing learnt yet
@@ -175,9 +203,9 @@ def test_a_new_request_probes_at_once() -> None:
 class _CountingPlans(CostModel):
     plans = 0
 
-    def plan(self, rows: Sequence[RoundRow], max_gamma: int) -> list[int]:
+    def plan(self, rows: Sequence[RoundRow], max_gamma: int, min_gain: float = 0.0) -> list[int]:
         type(self).plans += 1
-        return super().plan(rows, max_gamma)
+        return super().plan(rows, max_gamma, min_gain)
 
 
 def test_idle_requests_probe_together_and_idle_plans_are_rechecked() -> None:
@@ -242,25 +270,40 @@ def test_step_seconds_of_a_mixed_step() -> None:
 
 def test_step_overhead_is_the_median_residual_of_decode_steps() -> None:
     overhead = StepOverhead()
-    assert (overhead.fixed, overhead.per_draft) == (0.0, 0.0)
+    assert (overhead.fixed, overhead.rounds()) == (0.0, (0.0, 0.0, 0.0))
     for _ in range(10):
         overhead.observe(0.005, predicted_forward=0.003, drafts=0)
     overhead.observe(30.0, predicted_forward=0.003, drafts=0)  # an idle gap between requests
     overhead.observe(0.001, predicted_forward=0.003, drafts=0)  # never negative
     assert overhead.fixed == pytest.approx(0.002)
-    # Steps verifying drafts: what they cost beyond the fixed part, per verified draft.
-    for drafts in (2, 4, 8):
-        overhead.observe(0.003 + 0.002 + 1e-4 * drafts, predicted_forward=0.003, drafts=drafts)
-    assert overhead.fixed == pytest.approx(0.002)
-    assert overhead.per_draft == pytest.approx(1e-4)
-    # Drafting rounds: what they take beyond the predicted forward passes, per draft step.
-    assert overhead.per_draft_step == 0.0
+    # Steps verifying drafts: what they cost beyond the fixed part, per round and per verified draft.
+    for drafts in (2, 4, 8, 8):
+        overhead.observe(0.003 + 0.002 + 3e-4 + 1e-4 * drafts, predicted_forward=0.003, drafts=drafts)
+    # Drafting rounds: what they take beyond the predicted forward passes, per round and per draft step.
     for steps in (1, 3, 6):
-        overhead.observe_drafting(0.004 * steps + 5e-4 * steps, predicted=(0.004 * steps, steps))
-    overhead.observe_drafting(0.001, predicted=(0.004, 1))  # never negative
-    assert overhead.per_draft_step == pytest.approx(5e-4)
+        overhead.observe_drafting(0.004 * steps + 2e-4 + 5e-4 * steps, predicted=(0.004 * steps, steps))
+    assert overhead.fixed == pytest.approx(0.002)
+    assert overhead.rounds() == pytest.approx((3e-4 + 2e-4, 1e-4, 5e-4))
+    faster = StepOverhead()
+    faster.observe_drafting(0.001, predicted=(0.004, 1))  # never negative
+    assert faster.rounds() == (0.0, 0.0, 0.0)
     assert StepOverhead.decode_rows([(100, 1, 90), (200, 5, 150)]) == [(101, 0), (205, 4)]
     assert StepOverhead.decode_rows([(100, 1, 90), (0, 512, 1_000)]) is None  # a prefill chunk
+
+
+def test_a_round_overhead_seen_on_single_drafts_is_not_charged_per_draft() -> None:
+    """Probes of one draft that each cost 2 ms more than a plain step: that is a cost per round until longer
+    rounds show a cost per draft, so a batch whose long rounds pay still drafts."""
+    overhead = StepOverhead()
+    for _ in range(8):
+        overhead.observe(0.010, predicted_forward=0.008, drafts=0)
+        overhead.observe(0.012 + 0.002, predicted_forward=0.010, drafts=1)
+        overhead.observe_drafting(0.004 + 0.001, predicted=(0.004, 1))
+    assert overhead.rounds() == pytest.approx((0.003, 0.0, 0.0))
+    batch = [(16_000, 400, [1.0])] * 4
+    assert CPU.with_overhead(overhead.fixed, *overhead.rounds()).plan(batch, 6) == [6] * 4
+    per_draft = CPU.with_overhead(overhead.fixed, per_draft=0.002, per_draft_step=0.001)
+    assert per_draft.plan(batch, 6) == [0] * 4
 
 
 def test_cost_profile_round_trip(tmp_path: Path) -> None:

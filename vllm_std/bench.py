@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -234,17 +235,42 @@ def conditional_acceptance(reached: list[float]) -> list[float]:
 
 def pooled_speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each method run twice (a `... again` run), its speedup over no speculation with both runs of each
-    pooled: mean time per output token of the two runs without speculation over the method's two. The runs
-    go none, method, ..., method again, none again, so a steady drift of the machine cancels."""
-    tpot = {(r["method"], r["workload"]): r["tpot_seconds"] for r in records}
+    pooled: time per output token of the two runs without speculation over the method's two, from their
+    means over all batches, and the median over batches of the same ratio batch by batch (the same requests
+    on all four engines, back to back), which a stall of the machine during one batch does not move. The
+    runs go none, method, ..., method again, none again, so a steady drift of the machine cancels. Also, as
+    the run's noise, the second engine without speculation against the first (`none again`)."""
+    by_label = {(r["method"], r["workload"]): r for r in records}
     out = []
     for r in records:
-        again = tpot.get((f"{r['method']} again", r["workload"]))
-        none = [tpot.get((label, r["workload"])) for label in ("none", "none again")]
-        if r["kind"] == "none" or again is None or None in none:
+        workload = r["workload"]
+        none = [by_label.get((label, workload)) for label in ("none", "none again")]
+        again = by_label.get((f"{r['method']} again", workload))
+        if None in none:
             continue
-        speedup = sum(none) / (r["tpot_seconds"] + again)
-        out.append({"method": r["method"], "workload": r["workload"], "speedup_tpot": speedup})
+        if r["method"] == "none again":
+            base, runs = none[:1], [r]
+        elif r["kind"] != "none" and again is not None:
+            base, runs = none, [r, again]
+        else:
+            continue
+        by_batch = [
+            sum(b) / sum(m)
+            for b, m in zip(
+                zip(*(x["tpot_seconds_by_batch"] for x in base), strict=True),
+                zip(*(x["tpot_seconds_by_batch"] for x in runs), strict=True),
+                strict=True,
+            )
+        ]
+        out.append(
+            {
+                "method": r["method"],
+                "workload": workload,
+                "speedup_tpot": sum(x["tpot_seconds"] for x in base) / sum(x["tpot_seconds"] for x in runs),
+                "speedup_tpot_median": statistics.median(by_batch),
+                "speedup_tpot_by_batch": by_batch,
+            }
+        )
     return out
 
 

@@ -42,10 +42,12 @@ def pooled_table(pooled: list[dict[str, Any]]) -> str:
     if not pooled:
         return ""
     heading = (
-        "\nBoth runs pooled (mean time per output token over a method's two runs against no speculation's "
-        "two; runs ordered so that a steady drift cancels):\n\n"
+        "\nBoth runs pooled (time per output token over a method's two runs against no speculation's two; "
+        "runs ordered so that a steady drift cancels): from the means over all batches / the median of the "
+        "batches' ratios (which a stall during one batch does not move). `none again`: the second engine "
+        "without speculation against the first, the run's noise:\n\n"
     )
-    return heading + _grid(pooled, lambda p: f"{p['speedup_tpot']:.2f}x")
+    return heading + _grid(pooled, lambda p: f"{p['speedup_tpot']:.2f}x / {p['speedup_tpot_median']:.2f}x")
 
 
 def _pyplot() -> Any:

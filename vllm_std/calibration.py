@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from vllm_std.backends.base import AttentionAdapter
@@ -105,43 +106,47 @@ class StartupCalibration:
 class StepOverhead:
     """Seconds per target step beyond its forward pass, from the steps actually served: the time between
     the end of one drafting round and the start of the next, less the forward pass the calibrated model
-    predicts for that step. Two parts: a fixed part (scheduling, input preparation, sampling), from steps
-    that verify no drafts, and a part per verified draft (vLLM's speculative bookkeeping and rejection
-    sampling), from steps that verify some. Likewise per draft step, what a drafting round takes beyond its
-    predicted forward passes (block tables, metadata, argmax). Each is a median over recent steps, so an
-    idle gap between requests does not count."""
+    predicts for that step. A fixed part (scheduling, input preparation, sampling), from steps that verify
+    no drafts; what a verify step costs beyond that, as a part per round and a part per verified draft
+    (vLLM's speculative bookkeeping and rejection sampling); and what a drafting round takes beyond its
+    predicted forward passes (the policy, block tables, metadata, argmax), per round and per draft step.
+    Each is taken from medians over recent steps, so an idle gap between requests does not count.
+
+    Per round and per draft are told apart by a line through the median of each length seen: with one
+    length only (single-draft probes), it is all per round. Charging it per draft instead would price a
+    round of 6 drafts for 4 requests at 24 times what one draft showed, and stop a batch from drafting where
+    it pays."""
 
     WINDOW = 64
 
     def __init__(self) -> None:
         self._plain: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
-        self._verify: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.WINDOW)
-        self._draft_steps: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._verify: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.WINDOW)
+        self._drafting: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.WINDOW)
 
     def observe(self, seconds: float, predicted_forward: float, drafts: int) -> None:
         residual = max(seconds - predicted_forward, 0.0)
         if drafts:
-            self._verify.append((residual, drafts))
+            self._verify.append((drafts, residual))
         else:
             self._plain.append(residual)
 
     def observe_drafting(self, seconds: float, predicted: tuple[float, int]) -> None:
         """A drafting round that took `seconds` against `(forward seconds, draft steps)` predicted."""
         forward, steps = predicted
-        self._draft_steps.append(max(seconds - forward, 0.0) / steps)
-
-    @property
-    def per_draft_step(self) -> float:
-        return statistics.median(self._draft_steps) if self._draft_steps else 0.0
+        self._drafting.append((steps, max(seconds - forward, 0.0)))
 
     @property
     def fixed(self) -> float:
         return statistics.median(self._plain) if self._plain else 0.0
 
-    @property
-    def per_draft(self) -> float:
+    def rounds(self) -> tuple[float, float, float]:
+        """`(per round, per verified draft, per draft step)`: what a drafting round and its verify step cost
+        beyond a plain step's overhead."""
         fixed = self.fixed
-        return statistics.median(max(r - fixed, 0.0) / d for r, d in self._verify) if self._verify else 0.0
+        verify_round, per_draft = _line([(d, r - fixed) for d, r in self._verify])
+        drafting_round, per_step = _line(list(self._drafting))
+        return verify_round + drafting_round, per_draft, per_step
 
     @staticmethod
     def decode_rows(rows: Sequence[tuple[int, int, int]]) -> list[tuple[float, int]] | None:
@@ -150,6 +155,29 @@ class StepOverhead:
         if any(start < prompt for start, _, prompt in rows):
             return None
         return [(start + query, query - 1) for start, query, _ in rows]
+
+
+def _line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """`(intercept, slope)`, both >= 0, of a least-squares line through the median `y` of each `x` in
+    `points`, weighted by how often each `x` was seen; `(0, 0)` without points."""
+    by_x: dict[int, list[float]] = collections.defaultdict(list)
+    for x, y in points:
+        by_x[x].append(y)
+    if not by_x:
+        return 0.0, 0.0
+    xs = np.array(sorted(by_x), dtype=float)
+    ys = np.array([statistics.median(by_x[int(x)]) for x in xs])
+    weights = np.array([len(by_x[int(x)]) for x in xs], dtype=float)
+    slope = 0.0
+    if len(xs) > 1:
+        mean_x, mean_y = np.average(xs, weights=weights), np.average(ys, weights=weights)
+        slope = max(
+            float(np.sum(weights * (xs - mean_x) * (ys - mean_y)) / np.sum(weights * (xs - mean_x) ** 2)), 0.0
+        )
+    intercept = float(np.average(ys - slope * xs, weights=weights))
+    if intercept < 0:  # through the origin instead
+        intercept, slope = 0.0, max(float(np.sum(weights * xs * ys) / np.sum(weights * xs**2)), 0.0)
+    return intercept, slope
 
 
 class CostProfileExtension:

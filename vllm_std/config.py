@@ -54,6 +54,10 @@ class STDConfig(BaseModel):
     probe_interval: Annotated[int, Field(ge=1)] = 16
     """With `adaptive`, a request that stopped drafting probes (drafts the fewest tokens that would pay if all
     were accepted) after this many steps, to notice when its acceptance has come back."""
+    min_gain: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    """With `adaptive`, the predicted speed-up over plain decoding that drafting must exceed: 0.1 drafts only
+    where the cost model predicts at least 10 % more tokens per second, about its error on a busy CPU, so
+    that a predicted gain of a few percent (as likely a loss) does not slow a request down."""
     cost_profile: str | None = None
     """With `adaptive`, a saved cost profile (`vllm-std calibrate`) instead of the short measurement of
     draft, dense and verify steps that the workers otherwise make at start-up."""
@@ -135,5 +139,6 @@ _ALLOWED = {
     "selection": '"attention" (STD), or the baselines "streaming" and "random"',
     "adaptive": "true or false",
     "probe_interval": "an integer >= 1 (steps)",
+    "min_gain": "a number from 0 to 1 (0.1: draft only where 10 % faster is predicted)",
     "cost_profile": "the path of a JSON file written by `vllm-std calibrate`",
 }

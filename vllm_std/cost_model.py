@@ -44,7 +44,11 @@ class StepCost:
     per_context_token: float
 
     def __call__(self, batch: int, context: float) -> float:
-        return self.fixed + self.per_request * batch + self.per_context_token * batch * context
+        return self.fixed + batch * self.share(context)
+
+    def share(self, context: Any) -> Any:
+        """One request's part of the step beyond the fixed part (`context` a number or an array of them)."""
+        return self.per_request + self.per_context_token * context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +66,9 @@ class VerifyCost:
     def __call__(self, batch: int, context: float, gamma: int) -> float:
         return self.fixed + batch * float(self.at_lengths(context, np.asarray(gamma)))
 
-    def at_lengths(self, context: float, gamma: np.ndarray) -> np.ndarray:
-        """One request's share of the step beyond the fixed part, at each draft length in `gamma`."""
+    def at_lengths(self, context: Any, gamma: np.ndarray) -> np.ndarray:
+        """One request's share of the step beyond the fixed part, at each draft length in `gamma` (contexts
+        and lengths broadcast)."""
         attention = self.per_context_token * context * (1 + self.query_growth * gamma)
         return self.per_query * (gamma + 1) + self.per_draft * gamma + attention
 
@@ -104,10 +109,14 @@ def tokens_by_length(accepted_at: Sequence[float], max_gamma: int) -> np.ndarray
     per-position counters divided by the rounds that reached the position); positions past the end of the
     list repeat its last value.
     """
-    accepted = np.full(max_gamma, accepted_at[-1] if accepted_at else 0.0)
-    known = min(len(accepted_at), max_gamma)
-    accepted[:known] = accepted_at[:known]
+    accepted = np.asarray(_padded(accepted_at, max_gamma))
     return np.concatenate(([1.0], 1.0 + np.cumsum(np.cumprod(accepted))))
+
+
+def _padded(accepted_at: Sequence[float], length: int) -> list[float]:
+    """`accepted_at` cut or extended to `length` positions (repeating its last value; 0 if it is empty)."""
+    known = list(accepted_at[:length])
+    return known + [known[-1] if known else 0.0] * (length - len(known))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +128,20 @@ class CostModel:
     verify: VerifyCost
 
     def with_overhead(
-        self, seconds: float, per_draft: float = 0.0, per_draft_step: float = 0.0
+        self, seconds: float, per_round: float = 0.0, per_draft: float = 0.0, per_draft_step: float = 0.0
     ) -> "CostModel":
-        """The same model with `seconds` more per target step (dense or verify), `per_draft` more per
-        verified draft and `per_draft_step` more per draft step: what the engine and the drafter spend
-        around a forward pass (scheduling, sampling, speculative bookkeeping, block tables), which a
-        forward-only calibration cannot see."""
+        """The same model with `seconds` more per target step (dense or verify), `per_round` more per
+        drafting round (its verify step and drafting, beyond a plain step), `per_draft` more per verified
+        draft and `per_draft_step` more per draft step: what the engine and the drafter spend around a
+        forward pass (scheduling, sampling, speculative bookkeeping, block tables), which a forward-only
+        calibration cannot see."""
+        verify_fixed = self.verify.fixed + seconds + per_round
         return dataclasses.replace(
             self,
             dense=dataclasses.replace(self.dense, fixed=self.dense.fixed + seconds),
             draft=dataclasses.replace(self.draft, fixed=self.draft.fixed + per_draft_step),
             verify=dataclasses.replace(
-                self.verify, fixed=self.verify.fixed + seconds, per_draft=self.verify.per_draft + per_draft
+                self.verify, fixed=verify_fixed, per_draft=self.verify.per_draft + per_draft
             ),
         )
 
@@ -145,7 +156,7 @@ class CostModel:
         """A row's part of a target step beyond the step's fixed part."""
         if drafts:
             return float(self.verify.at_lengths(context, np.asarray(drafts)))
-        return self.dense(1, context) - self.dense.fixed
+        return float(self.dense.share(context))
 
     def _round_fixed(self, longest: int) -> float:
         """A round's seconds that no request owns: the target step's fixed part and each draft step's."""
@@ -155,17 +166,22 @@ class CostModel:
 
     def _round_terms(self, rows: Sequence[RoundRow], max_gamma: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row and draft length 0..max_gamma: the tokens the row yields and its share of the round's
-        seconds (infinite for drafts a row cannot make)."""
-        gammas = np.arange(1, max_gamma + 1)
+        seconds (infinite for drafts a row cannot make). One pass over the whole table: the policy plans
+        every few steps, and a plain step of a small model is a few milliseconds."""
+        context = np.array([row[0] for row in rows], dtype=float)
         tokens = np.ones((len(rows), max_gamma + 1))
         seconds = np.full((len(rows), max_gamma + 1), np.inf)
-        for i, (context, sparse_context, accepted_at) in enumerate(rows):
-            seconds[i, 0] = self._target_share(context, 0)
-            if accepted_at is None or max_gamma == 0:
-                continue
-            tokens[i] = tokens_by_length(accepted_at, max_gamma)
-            target = self.verify.at_lengths(context, gammas)
-            seconds[i, 1:] = target + gammas * (self.draft(1, sparse_context) - self.draft.fixed)
+        seconds[:, 0] = self.dense.share(context)
+        can = np.array([accepted_at is not None for *_, accepted_at in rows])
+        if max_gamma == 0 or not can.any():
+            return tokens, seconds
+        drafting = [row for row in rows if row[2] is not None]
+        accepted = np.array([_padded(accepted_at, max_gamma) for *_, accepted_at in drafting])
+        tokens[can, 1:] += np.cumsum(np.cumprod(accepted, axis=1), axis=1)
+        sparse = np.array([[sparse_context] for _, sparse_context, _ in drafting], dtype=float)
+        gammas = np.arange(1, max_gamma + 1)
+        drafting_seconds = gammas * self.draft.share(sparse)
+        seconds[can, 1:] = self.verify.at_lengths(context[can, None], gammas) + drafting_seconds
         return tokens, seconds
 
     def rate(self, rows: Sequence[RoundRow], gammas: Sequence[int]) -> float:
@@ -173,15 +189,17 @@ class CostModel:
         tokens, seconds = self._round_terms(rows, max(gammas, default=0))
         return self._rate(tokens, seconds, np.asarray(gammas, dtype=int))
 
-    def fewest_paying(self, rows: Sequence[RoundRow], gammas: Sequence[int], i: int, max_gamma: int) -> int:
-        """The fewest drafts, up to `max_gamma`, for row `i` that give the batch a higher predicted rate than
-        `gammas` (0: none do)."""
+    def fewest_paying(
+        self, rows: Sequence[RoundRow], gammas: Sequence[int], i: int, max_gamma: int, min_gain: float = 0.0
+    ) -> int:
+        """The fewest drafts, up to `max_gamma`, for row `i` that give the batch a predicted rate more than
+        `1 + min_gain` times that of `gammas` (0: none do)."""
         tokens, seconds = self._round_terms(rows, max(max_gamma, *gammas))
         others = np.asarray(gammas, dtype=int)
         without = self._rate(tokens, seconds, others)
         for gamma in range(1, max_gamma + 1):
             others[i] = gamma
-            if self._rate(tokens, seconds, others) > without:
+            if self._rate(tokens, seconds, others) > without * (1 + min_gain):
                 return gamma
         return 0
 
@@ -190,17 +208,18 @@ class CostModel:
         longest = int(gammas.max(initial=0))
         return float(tokens[index].sum() / (self._round_fixed(longest) + seconds[index].sum()))
 
-    def plan(self, rows: Sequence[RoundRow], max_gamma: int) -> list[int]:
+    def plan(self, rows: Sequence[RoundRow], max_gamma: int, min_gain: float = 0.0) -> list[int]:
         """Each request's draft length in 0..max_gamma maximising the batch's predicted tokens per second;
-        all 0 unless some lengths beat plain decoding. Exact, by Dinkelbach's method: at the best rate so
-        far r, each request independently maximises `tokens - r * seconds` for each cap on the longest
-        draft, and the best cap's lengths give a higher rate until none does."""
+        all 0 unless that beats plain decoding by more than `min_gain` (a margin for the model's own error:
+        a predicted gain of a few percent is as likely a loss). Exact, by Dinkelbach's method: at the best
+        rate so far r, each request independently maximises `tokens - r * seconds` for each cap on the
+        longest draft, and the best cap's lengths give a higher rate until none does."""
         if not rows:
             return []
         tokens, seconds = self._round_terms(rows, max_gamma)
         fixed = np.array([self._round_fixed(longest) for longest in range(max_gamma + 1)])
         gammas = np.zeros(len(rows), dtype=int)
-        best = self._rate(tokens, seconds, gammas)
+        plain = best = self._rate(tokens, seconds, gammas)
         while True:
             gain = tokens - best * seconds
             upto = np.maximum.accumulate(gain, axis=1)  # [request, cap]: its best length up to the cap
@@ -216,7 +235,7 @@ class CostModel:
                 candidate[forced] = 1 + int(np.argmax(gain[forced, 1 : cap + 1]))
             rate = self._rate(tokens, seconds, candidate)
             if rate <= best * (1 + 1e-12):
-                return gammas.tolist()
+                return gammas.tolist() if best > plain * (1 + min_gain) else [0] * len(rows)
             gammas, best = candidate, rate
 
     def to_json(self) -> dict[str, Any]:

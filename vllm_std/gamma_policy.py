@@ -1,5 +1,6 @@
 """Per-request draft length: the lengths that the cost model predicts fastest for the batch, 0 for a request
-where none pays. Pure python (no vLLM), so the decisions can be tested on synthetic costs and acceptance.
+where none pays by more than a margin (`min_gain`, for the model's own error). Pure python (no vLLM), so
+the decisions can be tested on synthetic costs and acceptance.
 
 A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
 changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it.
@@ -7,10 +8,10 @@ changed pattern shows; until it has rounds of its own, the engine-wide acceptanc
 Requests that stopped drafting probe together, in one round every `probe_interval` steps, so that they
 notice when drafting would pay again; they share the round's verify step. Each probe round doubles the
 wait before the next (up to `MAX_BACKOFF` times `probe_interval`), so rejected probes cost ever less; a
-probe that is fully accepted resets it, and its request probes again at the next step. A request that has not
-drafted yet probes at its first step. A probe drafts the fewest tokens that would pay (speed the batch up)
-if all were accepted; where not even that pays, acceptance is not what stops drafting, and nothing is
-probed.
+probe that is fully accepted resets it, and its request probes again at the next step with twice as many
+drafts. A request that has not drafted yet probes at its first step. A probe drafts the fewest tokens that
+would pay (speed the batch up by more than the margin) if all were accepted; where not even that pays,
+acceptance is not what stops drafting, and nothing is probed.
 """
 
 import dataclasses
@@ -77,15 +78,17 @@ class GammaPolicy:
     # step), or at once when the batch changes, a round is verified or a probe is due.
     REPLAN_STEPS = 8
 
-    def __init__(self, max_gamma: int, probe_interval: int) -> None:
+    def __init__(self, max_gamma: int, probe_interval: int, min_gain: float = 0.0) -> None:
         self.max_gamma = max_gamma
         self.probe_interval = probe_interval
+        self.min_gain = min_gain
         self.engine = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
         self.requests: dict[str, AcceptanceTracker] = {}
         self._wait = probe_interval  # steps between probe rounds
         self._since_probe = 0
         self._seen: set[str] = set()
-        self._again: set[str] = set()  # its last probe was fully accepted: it probes again at the next step
+        # Fully accepted probes: their length, by request, which probes again at the next step with twice it.
+        self._again: dict[str, int] = {}
         self._probing: set[str] = set()
         self._idle_batch: tuple[tuple[str, ...], int] | None = None  # a batch whose plan was all zeros
         self._idle_age = 0
@@ -102,14 +105,15 @@ class GammaPolicy:
         if req_id in self._probing:
             self._probing.discard(req_id)
             if accepted == drafted:
-                self._again.add(req_id)
+                self._again[req_id] = drafted
                 self._wait = self.probe_interval
 
     def forget(self, live_req_ids: set[str]) -> None:
         for req_id in [r for r in self.requests if r not in live_req_ids]:
             del self.requests[req_id]
-        for ids in (self._seen, self._again, self._probing):
+        for ids in (self._seen, self._probing):
             ids.intersection_update(live_req_ids)
+        self._again = {r: n for r, n in self._again.items() if r in live_req_ids}
 
     def accepted_at(self, req_id: str) -> list[float]:
         """The request's conditional acceptance per draft position (the engine's until it has rounds)."""
@@ -122,7 +126,8 @@ class GammaPolicy:
     ) -> list[Decision]:
         """Draft lengths for the requests `(req_id, context, sparse context)` that may draft this step, in
         a batch that also holds requests of contexts `others` that may not: the lengths that maximise the
-        batch's predicted tokens per second (`CostModel.plan`), then probes for the requests left out."""
+        batch's predicted tokens per second if that beats plain decoding by more than `min_gain`
+        (`CostModel.plan`), then probes for the requests left out."""
         batch = (tuple(req_id for req_id, *_ in drafting), len(others))
         self._since_probe += 1
         due = self._since_probe >= self._wait
@@ -130,12 +135,11 @@ class GammaPolicy:
             return [Decision(0, "not_paying")] * len(drafting)
         rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
         rows += [(n, n, None) for n in others]
-        gammas = cost.plan(rows, self.max_gamma)
+        gammas = cost.plan(rows, self.max_gamma, self.min_gain)
         self._idle_batch, self._idle_age = (None if any(gammas) else batch), 1
         decisions, idle = [], False
         for i, (req_id, *_) in enumerate(drafting):
-            again = req_id in self._again
-            self._again.discard(req_id)
+            again = self._again.pop(req_id, 0)
             if gammas[i] > 0:
                 decisions.append(Decision(gammas[i], "paying"))
                 continue
@@ -143,7 +147,7 @@ class GammaPolicy:
             # and the engine-wide estimate may come from other videos (or be the bare prior).
             new = req_id not in self._seen
             idle |= not new
-            probe = self._probe_gamma(cost, rows, gammas, i) if new or again or due else 0
+            probe = self._probe_gamma(cost, rows, gammas, i, 2 * again) if new or again or due else 0
             if probe:
                 gammas[i] = probe
                 self._probing.add(req_id)
@@ -166,9 +170,18 @@ class GammaPolicy:
         self._idle_age += 1
         return True
 
-    def _probe_gamma(self, cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int) -> int:
-        """The fewest drafts for row `i` that would speed the batch up if every one were accepted (0: none
-        would)."""
+    def _probe_gamma(
+        self, cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int, grow: int
+    ) -> int:
+        """The fewest drafts for row `i` that would speed the batch up by more than `min_gain` if every one
+        were accepted (0: none would); or, after a fully accepted probe, `grow` (twice its length, up to
+        `max_gamma`) where that would too, so that a request whose drafts are accepted again reaches long
+        rounds in a few steps rather than one position of evidence at a time."""
         context, sparse, _ = rows[i]
         hopeful = [*rows[:i], (context, sparse, [1.0]), *rows[i + 1 :]]
-        return cost.fewest_paying(hopeful, gammas, i, self.max_gamma)
+        fewest = cost.fewest_paying(hopeful, gammas, i, self.max_gamma, self.min_gain)
+        grow = min(grow, self.max_gamma)
+        if not fewest or grow <= fewest:
+            return fewest
+        plain = cost.rate(hopeful, gammas) * (1 + self.min_gain)
+        return grow if cost.rate(hopeful, [*gammas[:i], grow, *gammas[i + 1 :]]) > plain else fewest

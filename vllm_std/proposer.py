@@ -107,7 +107,9 @@ class STDProposer:
             self.cost, source = calibration.run(), "measured at start-up"
         if view.tp_rank != 0:
             return
-        self.policy = GammaPolicy(self.num_speculative_tokens, self.config.probe_interval)
+        self.policy = GammaPolicy(
+            self.num_speculative_tokens, self.config.probe_interval, self.config.min_gain
+        )
         context = 4096
         logger.info(
             "STD cost model (%s, %.1f s): at batch 1 and %d tokens of context, a dense step %.2f ms, a draft "
@@ -276,8 +278,7 @@ class STDProposer:
             ]
             decisions = self.policy.decide(cost, drafting, others)
         if self.metrics is not None:
-            for decision in decisions:
-                self.metrics.gamma_chosen(decision)
+            self.metrics.gammas_chosen(decisions)
         gammas = [d.gamma for d in decisions]
         return self.view.broadcast_from_rank0(gammas) if self.config.adaptive else gammas
 
@@ -286,8 +287,7 @@ class STDProposer:
         (medians over the last 64 steps move slowly; reading them costs a tenth of a millisecond)."""
         assert self.cost is not None
         if self._priced is None or self._priced_steps >= self.OVERHEAD_REFRESH:
-            o = self.overhead
-            self._priced = self.cost.with_overhead(o.fixed, o.per_draft, o.per_draft_step)
+            self._priced = self.cost.with_overhead(self.overhead.fixed, *self.overhead.rounds())
             self._priced_steps = 0
         self._priced_steps += 1
         return self._priced

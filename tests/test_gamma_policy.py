@@ -218,16 +218,16 @@ def test_idle_requests_probe_together_and_idle_plans_are_rechecked() -> None:
     batch = [(f"r{i}", CONTEXT, SPARSE) for i in range(3)]
     for req_id, *_ in batch:
         policy.record(req_id, 4, 0)  # rounds of its own, all rejected: nothing pays
-    steps = [[d.reason for d in policy.decide(cost, batch, [])] for _ in range(48)]
+    steps = [[d.reason for d in policy.decide(cost, batch, [])] for _ in range(112)]
     probe_steps = [i for i, reasons in enumerate(steps) if "probe" in reasons]
-    assert probe_steps == [15, 47] and all(steps[i] == ["probe"] * 3 for i in probe_steps)
-    # Plans at the first step, at each probe round, and 8 steps after the last plan: steps 0, 8, 15, 23, 31,
-    # 39, 47; none in between.
-    assert _CountingPlans.plans == 7
+    assert probe_steps == [15, 47, 111] and all(steps[i] == ["probe"] * 3 for i in probe_steps)
+    # Plans at the first step, at each probe round, and `REPLAN_STEPS` (32) steps after the last plan:
+    # steps 0, 15, 47, 79, 111; none in between.
+    assert GammaPolicy.REPLAN_STEPS == 32 and _CountingPlans.plans == 5
     policy.decide(cost, batch[:2], [])  # the batch changed
     policy.record("r0", 1, 0)
     policy.decide(cost, batch[:2], [])  # a round was verified
-    assert _CountingPlans.plans == 9
+    assert _CountingPlans.plans == 7
 
 
 def test_never_drafts_where_verify_cannot_pay() -> None:

@@ -269,3 +269,26 @@ def test_scores_end_to_end_match_dense_blocks() -> None:
     dense = dense_reference(query, key, 0.35, positions, key_start)
     want = block_mass_reference(dense.tolist(), key_start, block_size, num_blocks)
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_where_the_captured_tensors_are(device: str, dtype: torch.dtype) -> None:
+    """Inside vLLM the captured queries and keys are on the accelerator and the query positions on the host:
+    the scores are computed on the tensors' device, in float32, and equal the dense reference (Qwen2-VL-7B's
+    head layout: 28 query heads on 4 KV heads of 128). The CUDA case runs where a GPU is present."""
+    block_size, prompt_len, num_text = 16, 200, 24
+    query, key = (t.to(dtype) for t in random_qk(num_text, prompt_len, 28, 4, 128, seed=11))
+    positions = torch.arange(prompt_len - num_text, prompt_len)
+    num_blocks = -(-prompt_len // block_size)
+    mass = key_attention_mass(query.to(device), key.to(device), 128**-0.5, positions, 0)
+    got = block_mass(mass, 0, block_size, num_blocks)
+    assert got.device.type == device and got.dtype == torch.float32
+    dense = dense_reference(query, key, 128**-0.5, positions, 0)
+    want = block_mass_reference(dense.tolist(), 0, block_size, num_blocks)
+    torch.testing.assert_close(
+        got.cpu().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-5
+    )

@@ -29,6 +29,14 @@ def test_check_fails_loudly_on_a_changed_signature() -> None:
         Drifted.check()
 
 
+def test_check_fails_loudly_when_vllm_chooses_its_speculative_branch_otherwise() -> None:
+    class Drifted(patches.GPUModelRunnerPrepareInputsWithoutDraftsPatch):
+        BRANCH = "use_spec_decode = bool(scheduler_output.scheduled_spec_decode_tokens)"
+
+    with pytest.raises(PatchTargetChanged, match="no longer chooses its speculative branch"):
+        Drifted.check()
+
+
 def test_apply_is_idempotent() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -214,8 +222,8 @@ print("PASSES", text_only, len(passes), min(passes, default=-1))
 
 
 def test_steps_without_drafts_skip_the_rejection_sampler() -> None:
-    """`GPUModelRunnerSampleWithoutDraftsPatch` in a real engine: a text-only request (never drafted) runs
-    no rejection pass, a video request's verify steps do, and none of them is empty."""
+    """`GPUModelRunnerPrepareInputsWithoutDraftsPatch` in a real engine: a text-only request (never drafted)
+    runs no rejection pass, a video request's verify steps do, and none of them is empty."""
     out = subprocess.run(
         [sys.executable, "-c", _REJECTION_PASSES], capture_output=True, text=True, timeout=600
     )

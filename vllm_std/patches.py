@@ -23,11 +23,12 @@ The inventory, in the order it is applied:
    it. Every speculative method on CPU is hit; the replacement returns an empty batch unchanged.
 5. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
    the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
-6. `GPUModelRunnerSampleWithoutDraftsPatch` (workers only, applied by `STDProposer.__init__`): a step in
-   which no request verifies drafts samples with vLLM's plain sampler, as an engine without speculation
-   does, instead of the rejection sampler over zero drafts. Adaptive STD stops drafting where drafts cannot
-   pay, and those steps should cost as little as STD can make them (on CPU the empty rejection pass was
-   ~0.4 ms of a 3 ms step; the rest of vLLM's speculative path remains). Same tokens.
+6. `GPUModelRunnerPrepareInputsWithoutDraftsPatch` (workers only, applied by `STDProposer.__init__`): a
+   step in which no request verifies drafts is prepared and sampled as in an engine without speculation:
+   no speculative metadata and vLLM's plain sampler, instead of metadata for zero drafts and the rejection
+   sampler over them. Adaptive STD stops drafting where drafts cannot pay, and those steps should cost as
+   little as STD can make them (on CPU the empty rejection pass was ~0.4 ms of a 3 ms step, the metadata
+   ~0.2 ms more; the scheduler's speculative bookkeeping remains). Same tokens.
 
 A patch refuses to apply, loudly, when the installed vLLM is not a supported version or its target's
 signature changed; `tests/test_patches.py` runs the same checks.
@@ -344,23 +345,42 @@ class GPUModelRunnerKVCachePatch(VLLMPatch):
         return initialize_kv_cache
 
 
-class GPUModelRunnerSampleWithoutDraftsPatch(VLLMPatch):
-    """With no drafts in the step, vLLM's speculative metadata has one logit row per request (the bonus
-    rows), exactly the rows the plain path samples; only the sampler that reads them changes."""
+class GPUModelRunnerPrepareInputsWithoutDraftsPatch(VLLMPatch):
+    """vLLM builds speculative metadata whenever the engine has a speculative config, also for a step whose
+    scheduler output holds no drafts (the scheduler lists only requests with at least one). For that step
+    the runner reads no speculative config during `_prepare_inputs`: one logit row per request, exactly the
+    rows the speculative path would sample as bonus tokens, and the plain sampler reads them. The per-step
+    draft counts it then skips are read only by the recurrent (Mamba-style) backends, whose models STD
+    refuses at start-up."""
 
     target_module = "vllm.v1.worker.gpu_model_runner"
     target_class = "GPUModelRunner"
-    target_method = "_sample"
-    expected_params = ("self", "logits", "spec_decode_metadata")
+    target_method = "_prepare_inputs"
+    expected_params = ("self", "scheduler_output", "num_scheduled_tokens")
+    # The line that chooses the speculative branch: without it the patch would silently change nothing.
+    BRANCH = "use_spec_decode = self.speculative_config is not None"
+
+    @classmethod
+    def check(cls) -> None:
+        super().check()
+        original = inspect.unwrap(inspect.getattr_static(cls.owner(), cls.target_method))
+        if cls.BRANCH not in inspect.getsource(original):
+            raise PatchTargetChanged(
+                f"{cls.target_module}.{cls.name()} no longer chooses its speculative branch by {cls.BRANCH!r}"
+            )
 
     @classmethod
     def wrap(cls, original: Callable) -> Callable:
-        def _sample(self, logits, spec_decode_metadata):
-            if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
-                spec_decode_metadata = None
-            return original(self, logits, spec_decode_metadata)
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+            if scheduler_output.scheduled_spec_decode_tokens:
+                return original(self, scheduler_output, num_scheduled_tokens)
+            speculative_config, self.speculative_config = self.speculative_config, None
+            try:
+                return original(self, scheduler_output, num_scheduled_tokens)
+            finally:
+                self.speculative_config = speculative_config
 
-        return _sample
+        return _prepare_inputs
 
 
 class CPUExpandKernelPatch(VLLMPatch):
@@ -414,6 +434,6 @@ PLUGIN_PATCHES: tuple[type[VLLMPatch], ...] = (
 )
 WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (
     GPUModelRunnerKVCachePatch,
-    GPUModelRunnerSampleWithoutDraftsPatch,
+    GPUModelRunnerPrepareInputsWithoutDraftsPatch,
 )
 ALL_PATCHES = PLUGIN_PATCHES + WORKER_PATCHES

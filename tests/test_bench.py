@@ -1,15 +1,19 @@
 """`vllm-std bench`: its arithmetic on hand-made records, and (slow) one real run of the command."""
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from vllm_std import bench
 from vllm_std.bench import (
     Method,
     Workload,
+    add_arguments,
     conditional_acceptance,
     fit_cost_model,
     methods,
@@ -18,11 +22,12 @@ from vllm_std.bench import (
     step_costs,
     summarize,
 )
+from vllm_std.bench_engines import Batch, VideoQuestion
 from vllm_std.bench_report import markdown_table, pooled_table
 
 
 def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
-    plan = methods(["none", "std", "adaptive", "ngram", "streaming", "random"], [2, 4], [256, 1024])
+    plan = methods(["none", "std", "adaptive", "ngram", "suffix", "streaming", "random"], [2, 4], [256, 1024])
     assert [m.label for m in plan] == [
         "none",
         "adaptive g<=4 K256",
@@ -30,6 +35,7 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
         "std g4 K256",
         "std g2 K1024",
         "ngram g2",
+        "suffix g2",
         "streaming g2 K256",
         "random g2 K256",
         "adaptive g<=4 K256 again",
@@ -50,6 +56,39 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
         "adaptive": True,
     }
     assert Method("none", "none").speculative_config() is None
+    assert Method("x", "suffix", 4).speculative_config() == {"method": "suffix", "num_speculative_tokens": 4}
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_suffix_decoding_runs_where_arctic_inference_is_installed(
+    installed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default methods include vLLM's suffix decoding only where it can run; asking for it where it
+    cannot stops the bench at once, with the install line."""
+    monkeypatch.setattr(bench, "suffix_decoding_installed", lambda: installed)
+    assert ("suffix" in {m.kind for m in bench._plan(_bench_args())}) == installed
+    asked = _bench_args("--methods", "none,suffix")
+    if installed:
+        assert [m.label for m in bench._plan(asked)] == ["none", "suffix g4", "none again"]
+    else:
+        with pytest.raises(SystemExit, match="pip install arctic-inference"):
+            bench._plan(asked)
+
+
+def test_servers_replace_the_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each `--server LABEL=URL` is one method, in the order given; a malformed one is a usage error."""
+    args = _bench_args("--server", "none=http://127.0.0.1:8000/", "--server", "std=http://10.0.0.2:8001")
+    assert args.server == [("none", "http://127.0.0.1:8000"), ("std", "http://10.0.0.2:8001")]
+    assert bench._plan(args) == [Method("none", "server"), Method("std", "server")]
+    with pytest.raises(SystemExit):
+        _bench_args("--server", "127.0.0.1:8000")
+    assert "expected LABEL=URL" in capsys.readouterr().err
 
 
 def test_conditional_acceptance() -> None:
@@ -141,8 +180,8 @@ class _Engine:
     def __init__(self, label: str, log: list[tuple[str, str, int]]) -> None:
         self.label, self.log, self.closed = label, log, False
 
-    def sample(self, batch: list[dict], output_len: int) -> dict:
-        self.log.append((self.label, batch[0]["prompt"], output_len))
+    def sample(self, batch: Batch, output_len: int) -> dict:
+        self.log.append((self.label, batch[0].question, output_len))
         return {"tpot": (1, float(len(self.log)))}
 
     def close(self) -> None:
@@ -163,7 +202,12 @@ def test_sample_methods_take_turns_and_warm_up_each_workload(interleaved: bool) 
         return engines[-1]
 
     samples = sample_methods(
-        plan, rounds, start, lambda w, seed: [{"prompt": f"{w.label} {seed}"}], 64, interleaved
+        plan,
+        rounds,
+        start,
+        lambda w, seed: [VideoQuestion(f"{w.label} {seed}", np.zeros(0), 0)],
+        64,
+        interleaved,
     )
     warm, measured = [e for e in log if e[2] == 8], [e for e in log if e[2] == 64]
     assert {w[1] for w in warm} == {"1k x1 1000000", "4k x1 1002000"} and len(warm) == 4
@@ -230,7 +274,8 @@ def test_bench_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     kinds = {r["kind"] for r in result["records"]}
-    assert kinds == {"none", "std", "adaptive", "ngram", "streaming", "random"}
+    suffix = {"suffix"} if bench.suffix_decoding_installed() else set()
+    assert kinds == {"none", "std", "adaptive", "ngram", "streaming", "random", *suffix}
     assert all(r["identical_to_no_speculation"] for r in result["records"])
     assert result["cost_model"] is not None
     assert (out / "bench.md").exists() and (out / "speedup_vs_gamma.png").exists()

@@ -72,6 +72,7 @@ def servers(media_dir: Path) -> Any:
         *("--dtype", "float32", "--max-model-len", "8192", "--seed", "0"),
         *("--allowed-local-media-path", str(media_dir)),
         *("--limit-mm-per-prompt", json.dumps({"video": 1, "image": 1})),
+        *("--media-io-kwargs", json.dumps({"video": {"num_frames": -1}})),  # every frame (for the bench)
     )
     std = (*("--speculative-config", STD_SPEC), *("--per-request-spec-decode-metrics", "summary"))
     with served(model, common, [*common, *std]) as pair:
@@ -575,3 +576,30 @@ def test_quickstart_client_gets_the_plain_answer(
         answer = ask(std_server)
     assert answer == ask(plain_server)
     assert len(set(answer.split())) >= 8
+
+
+# --- the bench against running servers ---------------------------------------------------------------
+
+
+def test_bench_measures_running_servers(plain_server: Server, std_server: Server, tmp_path: Path) -> None:
+    """`vllm-std bench --server`, as a user with a deployment runs it: both servers answer the same videos
+    alike, every frame reaches the model (prompt lengths as offline), and the figures come from the servers'
+    own counters (STD's drafts and acceptance, its decisions, time per output token)."""
+    out = tmp_path / "bench"
+    cmd = [str(Path(sys.executable).with_name("vllm-std")), "bench", "--output-len", "16", "--out", str(out)]
+    cmd += ["--server", f"none={plain_server.url}", "--server", f"std={std_server.url}"]
+    cmd += ["--visual-tokens", "2048", "--batch", "1,2"]  # 64 frames: vLLM's default would decode 32
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    records = {(r["method"], r["workload"]): r for r in result["records"]}
+    assert set(records) == {(m, w) for m in ("none", "std") for w in ("2k x1", "2k x2")}
+    for (method, _), r in records.items():
+        assert r["identical_to_no_speculation"] and r["tpot_seconds"] > 0
+        assert 2048 <= r["prompt_tokens"] < 2048 + 64, r["prompt_tokens"]
+        if method == "std":
+            assert r["drafts"] > 0 and 0 < r["acceptance_rate"] <= 1
+            assert r["gamma_decisions"]["fixed"] > 0 and r["draft_steps"] > 0
+        else:
+            assert r["drafts"] == 0 and r["acceptance_rate"] is None
+    assert "| std | " in (out / "bench.md").read_text()

@@ -1,4 +1,5 @@
-"""`vllm-std bench`: STD against no speculation, vLLM's ngram and baseline selections, on the same requests.
+"""`vllm-std bench`: STD against no speculation, vLLM's ngram and suffix decoding and baseline selections, on
+the same requests.
 
 Each method has its own offline engine (`vllm_std.bench_engines`, one process each); by default all are alive
 at once and take turns on every batch, so that they share the machine's drift. A workload is a number of
@@ -12,6 +13,7 @@ paper's Table 1) and PNG plots (`vllm_std.bench_report`)."""
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -23,7 +25,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vllm_std.bench_engines import Batch, EngineProcess, engine_processes
+from vllm_std.bench_engines import Batch, Engine, EngineProcess, VideoQuestion, engine_processes
+from vllm_std.bench_server import ServerEngine, parse_server, served_model
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
 from vllm_std.gamma_policy import REASONS
 
@@ -33,7 +36,7 @@ class Method:
     """A speculative config under a readable label (`None`: no speculation)."""
 
     label: str
-    kind: str  # "none", "std", "adaptive", "ngram", "streaming", "random"
+    kind: str  # "none", "std", "adaptive", "ngram", "suffix", "streaming", "random"; "server": a `--server`
     gamma: int = 0  # for "adaptive", the most drafted
     top_k: int = 0
 
@@ -42,6 +45,8 @@ class Method:
             return None
         if self.kind == "ngram":
             return {"method": "ngram", "num_speculative_tokens": self.gamma, "prompt_lookup_max": 4}
+        if self.kind == "suffix":
+            return {"method": "suffix", "num_speculative_tokens": self.gamma}
         selection = self.kind if self.kind in ("streaming", "random") else "attention"
         return {
             "method": "std",
@@ -66,6 +71,14 @@ class Workload:
         )
 
 
+METHODS = ["none", "std", "adaptive", "ngram", "suffix", "streaming", "random"]
+
+
+def suffix_decoding_installed() -> bool:
+    """Whether vLLM's suffix decoding can run: it imports Arctic Inference's suffix tree."""
+    return importlib.util.find_spec("arctic_inference") is not None
+
+
 def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Method]:
     """Every method to run: STD (fixed gamma) at each gamma with the first K and at each K with the first
     gamma; the baselines at the first gamma and K; adaptive STD up to the largest gamma, at the first K."""
@@ -76,8 +89,7 @@ def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Meth
     if "std" in kinds:
         sweep = dict.fromkeys([(g, k) for g in gammas] + [(gamma, kk) for kk in top_ks])
         out += [Method(f"std g{g} K{kk}", "std", g, kk) for g, kk in sweep]
-    if "ngram" in kinds:
-        out.append(Method(f"ngram g{gamma}", "ngram", gamma))
+    out += [Method(f"{kind} g{gamma}", kind, gamma) for kind in ("ngram", "suffix") if kind in kinds]
     baselines = [kind for kind in ("streaming", "random") if kind in kinds]
     out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]
     if "none" in kinds and len(out) > 1:
@@ -127,8 +139,7 @@ class VideoQuestions:
         from vllm_std.fixtures.prompts import prompt_token_count, vllm_request
         from vllm_std.fixtures.video import synthetic_frames
 
-        self.model, self.question, self.side = model, question, frame_side
-        self._request = vllm_request
+        self.question, self.side = question, frame_side
         self._frames = frames or synthetic_frames
         probe = [
             prompt_token_count(
@@ -142,11 +153,11 @@ class VideoQuestions:
     def frames_for(self, visual_tokens: int) -> int:
         return max(2, 2 * round(visual_tokens / self.tokens_per_frame / 2))
 
-    def requests(self, workload: Workload, seed: int) -> list[dict[str, Any]]:
-        frames = self.frames_for(workload.visual_tokens)
-        side = self.side
+    def requests(self, workload: Workload, seed: int) -> Batch:
+        frames, side = self.frames_for(workload.visual_tokens), self.side
+        tokens = round(self.text_tokens + frames * self.tokens_per_frame)
         return [
-            self._request(self.model, self.question, videos=[self._frames(frames, side, side, seed + i)])
+            VideoQuestion(self.question, self._frames(frames, side, side, seed + i), tokens)
             for i in range(workload.batch)
         ]
 
@@ -161,13 +172,14 @@ class LookupQuestions:
         from vllm_std.fixtures.prompts import prompt_token_count
         from vllm_std.fixtures.sparse import sparse_request
 
-        self.model, self._request = model, sparse_request
         self.text_tokens = prompt_token_count(model, sparse_request(model, 64)[0]) - 64
 
-    def requests(self, workload: Workload, seed: int) -> list[dict[str, Any]]:
-        return [
-            self._request(self.model, workload.visual_tokens, seed=seed + i)[0] for i in range(workload.batch)
-        ]
+    def requests(self, workload: Workload, seed: int) -> Batch:
+        from vllm_std.fixtures.sparse import episode_question, sparse_episode
+
+        episodes = [sparse_episode(workload.visual_tokens, seed + i) for i in range(workload.batch)]
+        tokens = round(self.text_tokens + workload.visual_tokens)
+        return [VideoQuestion(*episode_question(ep), tokens) for ep in episodes]
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -351,7 +363,7 @@ WARM_UP_SEED = 10**6  # plus a round's seed: other videos than any measured batc
 def sample_methods(
     plan: list[Method],
     rounds: list[tuple[Workload, int]],
-    start: Callable[[Method], EngineProcess],
+    start: Callable[[Method], Engine],
     requests: Callable[[Workload, int], Batch],
     output_len: int,
     interleaved: bool,
@@ -404,42 +416,21 @@ def kv_cache_bytes(model: str, dtype: str, tokens: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from vllm_std.bench_report import write_report
 
+    plan = _plan(args)
     model, videos = _workload_source(args)
     workloads = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
-    max_model_len = int(max(args.visual_tokens) * 1.1 + videos.text_tokens + args.output_len + 256)
-    # By default a workload's prompts all prefill in its first step, so that every later step is a pure
-    # decode step (what the step costs and the cost model describe), as in the paper's measurements.
-    batched_tokens = args.max_num_batched_tokens or max_model_len * max(args.batch)
-    engine_kwargs = {
-        "dtype": args.dtype,
-        "max_model_len": max_model_len,
-        "max_num_batched_tokens": batched_tokens,
-        "limit_mm_per_prompt": {"video": 1},
-        # Every batch brings videos no engine has seen, so vLLM's processed-input cache (4 GiB per engine by
-        # default) would only fill: at 8k x4 with ten engines alive, it ran the machine out of memory.
-        "mm_processor_cache_gb": 0,
-        # Each engine holds what the largest workload needs (a quarter more: block rounding, drafts), not
-        # a share of the machine, so that all of a run's engines fit at once (VLLM_CPU_KVCACHE_SPACE is
-        # not passed on to them).
-        "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)
-        if args.kv_cache_gib
-        else kv_cache_bytes(model, args.dtype, int(max(args.batch) * max_model_len * 1.25) + 1024),
-    }
-    plan = methods(args.methods, args.gamma, args.top_k)
+    if args.server:
+        urls = dict(args.server)
+        start: Callable[[Method], Engine] = lambda m: ServerEngine(m.label, urls[m.label])  # noqa: E731
+    else:
+        start = _offline_engines(args, model, videos.text_tokens)
     rounds = [
         (workload, 1000 * (i * args.repeats + r))
         for i, workload in enumerate(workloads)
         for r in range(args.repeats)
     ]
     samples = sample_methods(
-        plan,
-        rounds,
-        lambda m: EngineProcess(
-            m.label, model, engine_kwargs | {"speculative_config": m.speculative_config()}
-        ),
-        videos.requests,
-        args.output_len,
-        interleaved=args.schedule == "interleaved",
+        plan, rounds, start, videos.requests, args.output_len, interleaved=args.schedule == "interleaved"
     )
     records: list[dict[str, Any]] = []
     reference: dict[str, list[list[int]]] = {}
@@ -451,10 +442,13 @@ def run(args: argparse.Namespace) -> int:
             record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
             record["method"], record["workload"] = method.label, workload.label
             record["identical_to_no_speculation"] = token_ids == reference[workload.label]
-            record["sparse_context"] = (
-                min(method.top_k, workload.visual_tokens) + record["prompt_tokens"] - workload.visual_tokens
-            )
-            if method.kind != "adaptive":  # its draft length varies: no per-step cost to read
+            if method.top_k:
+                record["sparse_context"] = (
+                    min(method.top_k, workload.visual_tokens)
+                    + record["prompt_tokens"]
+                    - workload.visual_tokens
+                )
+            if method.gamma and method.kind != "adaptive":  # adaptive's length varies: no per-step cost
                 step_costs(record, method.gamma)
             records.append(record)
     none = {r["workload"]: r for r in records if r["method"] == "none"}
@@ -499,9 +493,53 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["identical_to_no_speculation"] for r in records) else 1
 
 
+def _plan(args: argparse.Namespace) -> list[Method]:
+    """The methods to run: one per `--server`, or those of `--methods` (suffix decoding only where it can
+    run: the default leaves it out, asking for it stops here, before any model is built)."""
+    if args.server:
+        return [Method(label, "server") for label, _ in args.server]
+    if not suffix_decoding_installed():
+        if args.methods is not METHODS and "suffix" in args.methods:
+            raise SystemExit(
+                "vllm-std bench: --methods suffix needs Arctic Inference, which vLLM's suffix decoding "
+                "imports: pip install arctic-inference (CPU: docs/benchmarks.md#suffix-decoding-on-a-cpu)"
+            )
+        args.methods = [m for m in args.methods if m != "suffix"]
+    return methods(args.methods, args.gamma, args.top_k)
+
+
+def _offline_engines(args: argparse.Namespace, model: str, text_tokens: float) -> Callable[[Method], Engine]:
+    """Starts a method's offline engine, sized for the run's largest workload."""
+    max_model_len = int(max(args.visual_tokens) * 1.1 + text_tokens + args.output_len + 256)
+    # By default a workload's prompts all prefill in its first step, so that every later step is a pure
+    # decode step (what the step costs and the cost model describe), as in the paper's measurements.
+    batched_tokens = args.max_num_batched_tokens or max_model_len * max(args.batch)
+    engine_kwargs = {
+        "dtype": args.dtype,
+        "max_model_len": max_model_len,
+        "max_num_batched_tokens": batched_tokens,
+        "limit_mm_per_prompt": {"video": 1},
+        # Every batch brings videos no engine has seen, so vLLM's processed-input cache (4 GiB per engine by
+        # default) would only fill: at 8k x4 with ten engines alive, it ran the machine out of memory.
+        "mm_processor_cache_gb": 0,
+        # Each engine holds what the largest workload needs (a quarter more: block rounding, drafts), not
+        # a share of the machine, so that all of a run's engines fit at once (VLLM_CPU_KVCACHE_SPACE is
+        # not passed on to them).
+        "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)
+        if args.kv_cache_gib
+        else kv_cache_bytes(model, args.dtype, int(max(args.batch) * max_model_len * 1.25) + 1024),
+    }
+    return lambda m: EngineProcess(
+        m.label, model, engine_kwargs | {"speculative_config": m.speculative_config()}
+    )
+
+
 def _workload_source(args: argparse.Namespace) -> tuple[str, "VideoQuestions | LookupQuestions"]:
     """The model and its requests: the tiny random fixture (default), the trained sparse fixture
-    (`--model sparse`), or the user's model with synthetic videos or `--video` files."""
+    (`--model sparse`), or the user's model with synthetic videos or `--video` files. With `--server`, the
+    model defaults to the first server's."""
+    if args.model is None and args.server:
+        args.model = served_model(args.server[0][1])
     if args.model == "sparse":
         from vllm_std.fixtures.sparse import sparse_model
 
@@ -534,8 +572,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda s: s.split(","),
-        default=["none", "std", "adaptive", "ngram", "streaming", "random"],
-        help="comma-separated: none, std (fixed gamma), adaptive, ngram, streaming, random",
+        default=METHODS,
+        help="comma-separated: none, std (fixed gamma), adaptive, ngram, suffix (vLLM's suffix decoding; it "
+        "needs `pip install arctic-inference`, and the default leaves it out where that is missing), "
+        "streaming, random",
     )
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument(
@@ -564,4 +604,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default="What happens in the video?")
     parser.add_argument("--frame-side", type=int, default=224)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--server",
+        type=parse_server,
+        action="append",
+        metavar="LABEL=URL",
+        help="a running `vllm serve` to measure instead of offline engines (repeat it, one per method; the "
+        "first, say none=URL without speculation, is the reference; each must serve nothing else meanwhile); "
+        "--methods, --gamma, --top-k, --dtype and --schedule then do not apply",
+    )
     parser.add_argument("--out", default="bench-results")

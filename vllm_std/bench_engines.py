@@ -7,6 +7,7 @@ same machine: on a shared CPU its speed drifts by tens of percent within minutes
 "Measuring on a CPU"), more than the differences being measured.
 """
 
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -15,12 +16,49 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from vllm_std.gamma_policy import REASONS
 
-Batch = list[dict[str, Any]]
-"""One batch of vLLM prompt dicts, generated together."""
+
+@dataclasses.dataclass(frozen=True)
+class VideoQuestion:
+    """One request of a workload, before it is shaped for an engine (a vLLM prompt dict offline, a chat
+    request with an mp4 for a server): a question about a video of `[T, H, W, 3]` uint8 RGB frames, and the
+    prompt tokens the model's processor makes of them (what a server that decodes every frame reports)."""
+
+    question: str
+    frames: np.ndarray
+    prompt_tokens: int
+
+
+Batch = list[VideoQuestion]
+"""One batch of requests, generated together."""
+
+METRICS = {
+    "tpot": "vllm:request_time_per_output_token_seconds",
+    "decode": "vllm:request_decode_time_seconds",
+    "drafts": "vllm:spec_decode_num_drafts",
+    "draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+    "accepted_per_pos": "vllm:spec_decode_num_accepted_tokens_per_pos",
+    "draft_time": "vllm:std_draft_seconds",
+    "chosen_gamma": "vllm:std_gamma",
+}
+"""The figures of a sample, by key, and the vLLM (or STD) metric each is differenced from."""
+
+
+class Engine(Protocol):
+    """What the bench runs batches on: an offline engine (`EngineProcess`) or a running server
+    (`vllm_std.bench_server.ServerEngine`)."""
+
+    label: str
+
+    def sample(self, batch: Batch, output_len: int) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 @contextmanager
@@ -67,35 +105,34 @@ def delta(after: dict[str, Any], before: dict[str, Any], name: str) -> Any:
     return a - (b or 0)
 
 
-def sample(llm: Any, requests: Batch, output_len: int) -> dict[str, Any]:
+def figures(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """A batch's figures (`METRICS`, STD's decisions by reason) from metric snapshots taken around it."""
+    return {
+        **{key: delta(after, before, name) for key, name in METRICS.items()},
+        "gamma_decisions": {
+            reason: delta(after, before, f"vllm:std_gamma_decisions:{reason}") for reason in REASONS
+        },
+    }
+
+
+def sample(llm: Any, model: str, batch: Batch, output_len: int) -> dict[str, Any]:
     """One batch on one engine, greedy: its outputs, wall time, and the engine's metrics differenced around
     it as sums (`vllm_std.bench.summarize` pools a workload's batches and derives the figures)."""
     from vllm import SamplingParams
 
+    from vllm_std.fixtures.prompts import vllm_request
+
+    requests = [vllm_request(model, q.question, videos=[q.frames]) for q in batch]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     before = snapshot(llm)
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     wall = time.perf_counter() - start
-    after = snapshot(llm)
-    names = {
-        "tpot": "vllm:request_time_per_output_token_seconds",
-        "decode": "vllm:request_decode_time_seconds",
-        "drafts": "vllm:spec_decode_num_drafts",
-        "draft_tokens": "vllm:spec_decode_num_draft_tokens",
-        "accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
-        "accepted_per_pos": "vllm:spec_decode_num_accepted_tokens_per_pos",
-        "draft_time": "vllm:std_draft_seconds",
-        "chosen_gamma": "vllm:std_gamma",
-    }
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
         "wall_seconds": wall,
-        **{key: delta(after, before, name) for key, name in names.items()},
-        "gamma_decisions": {
-            reason: delta(after, before, f"vllm:std_gamma_decisions:{reason}") for reason in REASONS
-        },
+        **figures(snapshot(llm), before),
     }
 
 
@@ -151,16 +188,16 @@ def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any]) -> None:
         with engine(model, **engine_kwargs) as llm:
             conn.send(("ok", None))
             while (message := conn.recv()) is not None:
-                conn.send(("ok", sample(llm, *message)))
+                conn.send(("ok", sample(llm, model, *message)))
     except Exception as e:  # reported to the bench, which stops with it
         traceback.print_exc()
         conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
 
 
 @contextmanager
-def engine_processes(started: Iterator[EngineProcess]) -> Iterator[list[EngineProcess]]:
+def engine_processes(started: Iterator[Engine]) -> Iterator[list[Engine]]:
     """Keeps the engines alive for the block; all are stopped after it, also on error."""
-    engines: list[EngineProcess] = []
+    engines: list[Engine] = []
     try:
         engines.extend(started)
         yield engines

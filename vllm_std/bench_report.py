@@ -77,7 +77,7 @@ def _plot(
     if not lines or all(len({r[x] for r in rs}) < 2 for rs in lines.values()):
         return
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for key, rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
         rs = sorted(rs, key=lambda r: r[x])
         (line,) = ax.plot([r[x] for r in rs], [r[y] for r in rs], "o-", label=key)
@@ -91,10 +91,7 @@ def _plot(
         ax.set_ylabel(y.replace("_", " "))
     ax.set_xlabel(x)
     ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def _plot_methods(records: list[dict[str, Any]], path: Path) -> None:
@@ -109,7 +106,7 @@ def _plot_methods(records: list[dict[str, Any]], path: Path) -> None:
     if not best:
         return
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     width = 0.8 / len(best)
     for i, (kind, cells) in enumerate(best.items()):
         xs = [j + i * width for j in range(len(workloads))]
@@ -120,7 +117,12 @@ def _plot_methods(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("workload (visual tokens x batch)")
     ax.set_ylabel("speedup vs no speculation (time per output token)")
     ax.set_title("Methods side by side")
-    ax.legend(fontsize=7)
+    _save(plt, fig, ax, path)
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
+    """Writes the figure with its legend beside the plot, never over the data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -39,6 +39,7 @@ from helpers import (
 )
 from openai import OpenAI
 
+from vllm_std.bench_server import EVERY_FRAME
 from vllm_std.fixtures.models import tiny_model
 
 GAMMA = 4
@@ -72,7 +73,7 @@ def servers(media_dir: Path) -> Any:
         *("--dtype", "float32", "--max-model-len", "8192", "--seed", "0"),
         *("--allowed-local-media-path", str(media_dir)),
         *("--limit-mm-per-prompt", json.dumps({"video": 1, "image": 1})),
-        *("--media-io-kwargs", json.dumps({"video": {"num_frames": -1}})),  # every frame (for the bench)
+        *("--media-io-kwargs", EVERY_FRAME),  # as `vllm-std bench --server` asks
     )
     std = (*("--speculative-config", STD_SPEC), *("--per-request-spec-decode-metrics", "summary"))
     with served(model, common, [*common, *std]) as pair:

@@ -22,6 +22,8 @@ from typing import Any
 from vllm_std.bench_engines import Batch, VideoQuestion, delta, figures
 
 FINISHED = "vllm:request_success"
+EVERY_FRAME = json.dumps({"video": {"num_frames": -1}})
+"""The server setting that decodes every frame of a video (vLLM's default keeps 32)."""
 
 
 def parse_server(text: str) -> tuple[str, str]:
@@ -93,8 +95,7 @@ class ServerEngine:
                 raise SystemExit(
                     f"vllm-std bench: server '{self.label}' made {response.usage.prompt_tokens} prompt "
                     f"tokens where the model makes {question.prompt_tokens}: it decodes fewer frames than "
-                    "it is sent; "
-                    f"""start it with --media-io-kwargs '{{"video": {{"num_frames": -1}}}}'"""
+                    f"it is sent; start it with --media-io-kwargs '{EVERY_FRAME}'"
                 )
         return {
             "token_ids": [r.choices[0].token_ids for r in responses],

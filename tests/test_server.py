@@ -39,8 +39,10 @@ from helpers import (
 )
 from openai import OpenAI
 
-from vllm_std.bench_server import EVERY_FRAME
+from vllm_std.bench_engines import VideoQuestion
+from vllm_std.bench_server import EVERY_FRAME, ServerEngine
 from vllm_std.fixtures.models import tiny_model
+from vllm_std.fixtures.video import synthetic_frames
 
 GAMMA = 4
 STD_SPEC = json.dumps({"method": "std", "num_speculative_tokens": GAMMA, "top_k": 256, "adaptive": False})
@@ -604,3 +606,17 @@ def test_bench_measures_running_servers(plain_server: Server, std_server: Server
         else:
             assert r["drafts"] == 0 and r["acceptance_rate"] is None
     assert "| std | " in (out / "bench.md").read_text()
+
+
+def test_bench_stops_where_a_server_drops_frames(plain_server: Server) -> None:
+    """A server whose prompt is shorter than the processor's count of the video (it decoded fewer frames
+    than it was sent) stops the bench at that batch, in one line naming the server setting to add."""
+    engine = ServerEngine("none", plain_server.url)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            engine.sample([VideoQuestion("What happens?", synthetic_frames(8, 224, 224, seed=7), 10**4)], 2)
+    finally:
+        engine.close()
+    message = str(stopped.value)
+    assert "server 'none' made" in message and f"--media-io-kwargs '{EVERY_FRAME}'" in message
+    assert "\n" not in message

@@ -498,13 +498,14 @@ def _plan(args: argparse.Namespace) -> list[Method]:
     run: the default leaves it out, asking for it stops here, before any model is built)."""
     if args.server:
         return [Method(label, "server") for label, _ in args.server]
-    if not suffix_decoding_installed():
-        if args.methods is not METHODS and "suffix" in args.methods:
-            raise SystemExit(
-                "vllm-std bench: --methods suffix needs Arctic Inference, which vLLM's suffix decoding "
-                "imports: pip install arctic-inference (CPU: docs/benchmarks.md#suffix-decoding-on-a-cpu)"
-            )
-        args.methods = [m for m in args.methods if m != "suffix"]
+    installed = suffix_decoding_installed()
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m != "suffix" or installed]
+    elif "suffix" in args.methods and not installed:
+        raise SystemExit(
+            "vllm-std bench: --methods suffix needs Arctic Inference, which vLLM's suffix decoding "
+            "imports: pip install arctic-inference (CPU: docs/benchmarks.md#suffix-decoding-on-a-cpu)"
+        )
     return methods(args.methods, args.gamma, args.top_k)
 
 
@@ -572,10 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda s: s.split(","),
-        default=METHODS,
         help="comma-separated: none, std (fixed gamma), adaptive, ngram, suffix (vLLM's suffix decoding; it "
-        "needs `pip install arctic-inference`, and the default leaves it out where that is missing), "
-        "streaming, random",
+        "needs `pip install arctic-inference`), streaming, random (default: all, suffix where installed)",
     )
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument(

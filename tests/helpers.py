@@ -77,7 +77,8 @@ def token_ids(outputs: list[Any]) -> list[list[int]]:
 
 
 def _report(worker: Any) -> dict[str, Any]:
-    scorer = worker.model_runner.drafter.scorer
+    drafter = worker.model_runner.drafter
+    scorer = drafter.scorer
     return {
         "history": [
             {
@@ -91,12 +92,13 @@ def _report(worker: Any) -> dict[str, Any]:
         ],
         "skip_counts": dict(scorer.skip_counts),
         "live": sorted([*scorer.pending, *scorer.selections, *scorer.skipped]),
+        "plain_step_overhead": drafter.overhead.fixed,
     }
 
 
 def drafter_reports(llm: LLM) -> list[dict[str, Any]]:
     """What the STD drafter of each worker (TP rank order) knows: recent selections, skip reasons, live
-    state."""
+    state, the overhead it measured for a step without drafts."""
     return llm.collective_rpc(_report)
 
 

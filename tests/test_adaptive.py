@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import test_std_lossless
-from helpers import engine
+from helpers import GREEDY, drafter_report, engine
 
 from vllm_std.cost_model import CostModel, StepCost, VerifyCost
 from vllm_std.metrics import spec_decode_counters, std_metrics
@@ -36,11 +36,13 @@ def baseline() -> list[list[int]]:
     return test_std_lossless.baseline("qwen2_vl", "float32")
 
 
-def _run(spec: dict[str, Any]) -> tuple[list[list[int]], dict[str, Any], dict[str, Any]]:
-    """The lossless suite's requests (its mixed batch, then a prefix-cache follow-up) under `spec`."""
+def _run(spec: dict[str, Any]) -> tuple[list[list[int]], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The lossless suite's requests (its mixed batch, then a prefix-cache follow-up) under `spec`: outputs,
+    vLLM's spec-decode counters, STD's metrics, and what the drafter knows (`helpers.drafter_report`)."""
     args = test_std_lossless.ENGINE_ARGS["qwen2_vl"]
     with engine("qwen2_vl", speculative_config=spec, **args) as llm:
-        return test_std_lossless._run(llm, "qwen2_vl"), spec_decode_counters(llm), std_metrics(llm)
+        outputs = test_std_lossless._run(llm, "qwen2_vl")
+        return outputs, spec_decode_counters(llm), std_metrics(llm), drafter_report(llm)
 
 
 def _profile(tmp_path: Path, cost: CostModel) -> str:
@@ -52,17 +54,20 @@ def _profile(tmp_path: Path, cost: CostModel) -> str:
 def test_default_adaptive_std_is_lossless() -> None:
     """The defaults (start-up measurement): identical output; every step of every scored request got a
     decision; no more was drafted than chosen."""
-    outputs, counters, std = _run({"method": "std", "num_speculative_tokens": GAMMA, "top_k": 256})
+    outputs, counters, std, report = _run({"method": "std", "num_speculative_tokens": GAMMA, "top_k": 256})
     assert outputs == baseline()
     decisions = std["gamma_decisions"]
     assert decisions["fixed"] == 0
     count, chosen = std["gamma"]
     assert count == sum(decisions.values()) > 0
     assert counters["num_draft_tokens"] <= chosen
+    # What a step without drafts costs beyond its forward pass was measured (also where steps repeat the
+    # one before and are noted only one in eight).
+    assert report["plain_step_overhead"] > 0
 
 
 def test_where_drafting_is_free_every_request_drafts_gamma(tmp_path: Path) -> None:
-    outputs, counters, std = _run(
+    outputs, counters, std, _ = _run(
         {"method": "std", "num_speculative_tokens": GAMMA, "cost_profile": _profile(tmp_path, FREE_DRAFTS)}
     )
     assert outputs == baseline()
@@ -74,7 +79,7 @@ def test_where_drafting_is_free_every_request_drafts_gamma(tmp_path: Path) -> No
 
 
 def test_where_verify_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
-    outputs, counters, std = _run(
+    outputs, counters, std, _ = _run(
         {"method": "std", "num_speculative_tokens": GAMMA, "cost_profile": _profile(tmp_path, COSTLY_VERIFY)}
     )
     assert outputs == baseline()
@@ -82,3 +87,7 @@ def test_where_verify_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
     assert decisions == {"fixed": 0, "paying": 0, "probe": 0, "not_paying": decisions["not_paying"]}
     assert decisions["not_paying"] > 0 and std["gamma"][1] == 0
     assert counters.get("num_drafts", 0) == 0
+    # One decision per token each scored request sampled (four of the suite's requests, every video scored
+    # through chunked prefill), also in the steps that repeat an idle plan without planning.
+    assert std["requests_scored"] == 4
+    assert decisions["not_paying"] == std["gamma"][0] == 4 * GREEDY.max_tokens

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import REGISTRY, values
+from prometheus_client import REGISTRY, Histogram, values
 
-from vllm_std.metrics import METRICS_DIR_ENV, SKIP_REASONS, FrontendCollector, STDMetrics
+from vllm_std.gamma_policy import Decision
+from vllm_std.metrics import METRICS_DIR_ENV, SKIP_REASONS, BulkHistogram, FrontendCollector, STDMetrics
 
 LABELS = {"model_name": "tiny", "engine": "0"}
 
@@ -30,6 +31,8 @@ def _worker(tp_rank: int) -> None:
     metrics.request_scored(num_visual_tokens=500, num_kept_visual_tokens=500, seconds=0.01)
     metrics.request_skipped("no_visual_input")
     metrics.draft_seconds.observe(0.3)
+    idle, paying = Decision(0, "not_paying"), Decision(4, "paying")
+    metrics.gammas_chosen([idle, paying, idle, paying, idle, Decision(1, "probe")])
 
 
 def _run_workers(*tp_ranks: int) -> None:
@@ -77,6 +80,31 @@ def test_worker_metrics_reach_the_front_end_registry(collector: None) -> None:
     assert _sample("vllm:std_kept_visual_fraction_bucket", le="0.3") == 1
     assert _sample("vllm:std_prefill_scoring_seconds_sum") == pytest.approx(0.03)
     assert _sample("vllm:std_draft_seconds_count") == 1
+    assert _sample("vllm:std_gamma_count") == 6
+    assert _sample("vllm:std_gamma_sum") == 9
+    assert [_sample("vllm:std_gamma_bucket", le=le) for le in ("0.0", "1.0", "3.0", "4.0")] == [3, 4, 4, 6]
+    decisions = {"fixed": 0, "paying": 2, "probe": 1, "not_paying": 3}
+    for decision, count in decisions.items():
+        assert _sample("vllm:std_gamma_decisions_total", decision=decision) == count
+
+
+def test_bulk_observations_match_repeated_ones() -> None:
+    """`BulkHistogram.observe_times` mirrors prometheus_client's `observe`: the same series and values."""
+    buckets = (0, 1, 2, 4, 8)
+    one = Histogram("one", "d", registry=None, buckets=buckets)
+    bulk = BulkHistogram("bulk", "d", registry=None, buckets=buckets)
+    for amount, times in ((0, 3), (1, 2), (0.5, 1), (3, 4), (8, 1), (9, 2)):
+        for _ in range(times):
+            one.observe(amount)
+        bulk.observe_times(amount, times)
+
+    def samples(histogram: Histogram) -> list[tuple[str, dict[str, str], float]]:
+        (metric,) = histogram.collect()
+        return [
+            (s.name.split("_", 1)[1], s.labels, s.value) for s in metric.samples if "created" not in s.name
+        ]
+
+    assert samples(bulk) == samples(one)
 
 
 def test_each_engine_starts_from_zero(collector: None) -> None:

@@ -62,6 +62,9 @@ class Decision:
     reason: Reason
 
 
+NOT_PAYING = Decision(0, "not_paying")
+
+
 class GammaPolicy:
     """Chooses each request's gamma from the engine's cost model, the batch, and each request's acceptance
     so far."""
@@ -133,7 +136,7 @@ class GammaPolicy:
         self._since_probe += 1
         due = self._since_probe >= self._wait
         if self._still_idle(batch, due):
-            return [Decision(0, "not_paying")] * len(drafting)
+            return [NOT_PAYING] * len(drafting)
         rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
         rows += [(n, n, None) for n in others]
         gammas = cost.plan(rows, self.max_gamma, self.min_gain)
@@ -152,7 +155,7 @@ class GammaPolicy:
             if probe:
                 gammas[i] = probe
                 self._probing.add(req_id)
-            decisions.append(Decision(probe, "probe") if probe else Decision(0, "not_paying"))
+            decisions.append(Decision(probe, "probe") if probe else NOT_PAYING)
         self._seen.update(batch[0])
         if due:
             self._since_probe = 0
@@ -163,10 +166,10 @@ class GammaPolicy:
     def _still_idle(self, batch: tuple[tuple[str, ...], int], due: bool) -> bool:
         """Whether this step may skip planning: the same batch as a plan that drafted nothing, fewer than
         `REPLAN_STEPS` steps ago, with no round verified since and no probe due (the common step of a
-        batch that does not draft, which then costs almost nothing)."""
+        batch that does not draft, which then costs almost nothing). That plan saw every request of the
+        batch (none is new) and took their pending doublings; only `record` adds one, and it drops the
+        idle batch."""
         if batch != self._idle_batch or self._idle_age >= self.REPLAN_STEPS or due:
-            return False
-        if any(req_id in self._again or req_id not in self._seen for req_id in batch[0]):
             return False
         self._idle_age += 1
         return True

@@ -9,11 +9,12 @@ otherwise the front end makes a private directory for each engine it builds and 
 through `VLLM_STD_METRICS_DIR`. Only tensor-parallel rank 0 writes, so nothing is counted twice.
 """
 
+import bisect
 import collections
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, get_args
 
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -121,6 +122,21 @@ def _multiprocess_values(directory: str) -> Iterator[None]:
             os.environ[_VLLM_MULTIPROC_ENV] = saved_dir
 
 
+class BulkHistogram(Histogram):
+    """A histogram that records several equal observations with one write per series.
+
+    Each write of a file-backed value costs a few microseconds, and adaptive gamma records one observation
+    per request and step; prometheus_client has no bulk `observe`, so this one mirrors `Histogram.observe`
+    (the test of `tests/test_metrics.py` compares the two, and fails when prometheus_client changes).
+    """
+
+    def observe_times(self, amount: float, times: int) -> None:
+        self._raise_if_not_observable()
+        if amount:
+            self._sum.inc(amount * times)
+        self._buckets[bisect.bisect_left(self._upper_bounds, amount)].inc(times)
+
+
 class STDMetrics:
     """STD's counters and histograms, written by the drafting worker (vLLM's label names and values).
 
@@ -135,8 +151,8 @@ class STDMetrics:
         def counter(name: str, doc: str) -> Any:
             return Counter(name, doc, names, registry=None).labels(**labels)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, names, registry=None, buckets=buckets).labels(**labels)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], kind: type = Histogram) -> Any:
+            return kind(name, doc, names, registry=None, buckets=buckets).labels(**labels)
 
         self.scored = counter(
             "vllm:std_requests_scored", "Requests scored at prefill that draft with a top-K selection."
@@ -173,6 +189,7 @@ class STDMetrics:
             "vllm:std_gamma",
             "Per drafting-eligible request and step, the draft length chosen (0: no drafts this step).",
             (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32),
+            BulkHistogram,
         )
         decisions = Counter(
             "vllm:std_gamma_decisions",
@@ -206,9 +223,15 @@ class STDMetrics:
         self.skipped[reason].inc()
 
     def gammas_chosen(self, decisions: Sequence[Decision]) -> None:
-        """One step's decisions; each counter written once per reason (a write is a few microseconds, and
-        the step of a small model a few milliseconds)."""
-        for decision in decisions:
-            self.gamma.observe(decision.gamma)
-        for reason, count in collections.Counter(d.reason for d in decisions).items():
-            self.decisions[reason].inc(count)
+        """One step's decisions, each series written once per distinct decision (a write costs a few
+        microseconds, the step of a small model a few milliseconds, and a batch mostly decides alike)."""
+        if not decisions:
+            return
+        first = decisions[0]
+        if decisions.count(first) == len(decisions):  # the whole batch alike, as in most steps
+            groups: Iterable[tuple[Decision, int]] = ((first, len(decisions)),)
+        else:
+            groups = collections.Counter(decisions).items()
+        for decision, count in groups:
+            self.gamma.observe_times(decision.gamma, count)
+            self.decisions[decision.reason].inc(count)

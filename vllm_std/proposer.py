@@ -51,6 +51,7 @@ class STDProposer:
     """Drafts with the target model reading only its top-K visual blocks per layer plus all other tokens."""
 
     OVERHEAD_REFRESH = 16
+    IDLE_REFRESH = 8
 
     def __init__(self, vllm_config: Any) -> None:
         self.vllm_config = vllm_config
@@ -69,6 +70,10 @@ class STDProposer:
         self.overhead = StepOverhead()
         self._priced: CostModel | None = None
         self._priced_steps = 0
+        self._live: set[str] = set()  # the requests vLLM held at the last planned step
+        self._batch: list[str] = []  # and the rows of its forward pass
+        self._idle_steps = 0  # steps since, each like the one before it
+        self._drafted = False  # whether the last step drafted: the step being run then verifies
         self._verifying: dict[str, int] = {}  # drafts each request verifies in the step being run
         self._step_rows: list[tuple[float, int]] | None = None
         self._round_end: float | None = None
@@ -153,16 +158,37 @@ class STDProposer:
         impl.forward = forward
 
     def _plan_step(self) -> None:
+        """Before a target forward pass: admit new requests to scoring, plan what the layer hooks capture,
+        and note each row's drafts to verify (acceptance) and context (step overhead) for `_learn`.
+
+        A step like the one before (the same requests, none prefilling for scoring, no drafts to verify: a
+        batch that does not draft) has nothing to plan; it is planned in full once every `IDLE_REFRESH`
+        steps all the same, so that the plain step's overhead stays measured."""
         assert self.view is not None and self.scorer is not None
+        batch = self.view.batch_req_ids()
+        if (
+            batch == self._batch
+            and not self._drafted
+            and not self.scorer.pending
+            and self._idle_steps < self.IDLE_REFRESH
+        ):
+            self._idle_steps += 1
+            self.scorer.plan_step(())
+            self._step_rows, self._verifying = None, {}
+            return
+        self._batch, self._idle_steps = batch, 0
         live = self.view.live_req_ids()
-        self.scorer.forget(live)
+        if live != self._live:  # a request arrived or left since the last step
+            self._live = live
+            self.scorer.forget(live)
+            if self.policy is not None:
+                self.policy.forget(live)
         rows = self.view.batch_rows()
         for row in rows:
             if not self.scorer.known(row.req_id):
                 self.scorer.admit(self.view.visual_request(row.req_id))
         self.scorer.plan_step(rows)
         if self.policy is not None:
-            self.policy.forget(live)
             shape = [(row.chunk_start, row.num_rows, self.view.num_prompt_tokens(row.req_id)) for row in rows]
             self._step_rows = StepOverhead.decode_rows(shape)
             self._verifying = {
@@ -175,10 +201,11 @@ class STDProposer:
         """After a target step (rank 0, adaptive): each verified round's acceptance, and the step's overhead
         beyond its forward pass."""
         assert self.view is not None and self.policy is not None and self.cost is not None
-        for req_id, sampled in zip(self.view.batch_req_ids(), sampled_token_ids, strict=True):
-            drafted = self._verifying.get(req_id, 0)
-            if drafted and sampled:
-                self.policy.record(req_id, drafted, len(sampled) - 1)
+        if self._verifying:
+            for req_id, sampled in zip(self.view.batch_req_ids(), sampled_token_ids, strict=True):
+                drafted = self._verifying.get(req_id, 0)
+                if drafted and sampled:
+                    self.policy.record(req_id, drafted, len(sampled) - 1)
         if self._round_end is not None and self._step_rows is not None:
             drafts = sum(d for _, d in self._step_rows)
             self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows), drafts)
@@ -197,6 +224,7 @@ class STDProposer:
         if self.policy is not None:
             self._learn(sampled_token_ids, time.perf_counter())
         requests = self._draftable(sampled_token_ids, num_tokens_no_spec)
+        self._drafted = bool(requests)
         if not requests:
             self._round_end = time.perf_counter()
             return drafts
@@ -245,6 +273,8 @@ class STDProposer:
         gammas = self._gammas(eligible, others)
         out = []
         for (row, req_id, n), gamma in zip(eligible, gammas, strict=True):
+            if gamma <= 0:
+                continue
             selection = self.scorer.selections[req_id]
             block_ids = self.view.block_ids(req_id)
             # Draft KV goes to positions n-1 .. n+k-2: stay inside allocated blocks and the model's length,

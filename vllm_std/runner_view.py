@@ -40,6 +40,9 @@ class RunnerView:
         forward_context = self.vllm_config.compilation_config.static_forward_context
         self.layers: list[Attention] = [forward_context[name] for name in self.layer_names]
         self.backend_name: str = self.attn_group.backend.get_name()
+        from vllm.distributed import get_tp_group
+
+        self._tp_group = get_tp_group()
 
     # Batch and requests -------------------------------------------------------------------------------
 
@@ -50,8 +53,8 @@ class RunnerView:
         starts = self.runner.query_start_loc.cpu[: num_reqs + 1].tolist()
         computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()
         return [
-            BatchRow(batch.req_ids[i], starts[i], starts[i + 1] - starts[i], int(computed[i]))
-            for i in range(num_reqs)
+            BatchRow(req_id, start, end - start, done)
+            for req_id, start, end, done in zip(batch.req_ids, starts, starts[1:], computed, strict=False)
         ]
 
     def live_req_ids(self) -> set[str]:
@@ -101,9 +104,7 @@ class RunnerView:
 
     def broadcast_from_rank0(self, obj: Any) -> Any:
         """Rank 0's `obj` on every tensor-parallel rank (as is where there is one rank)."""
-        from vllm.distributed import get_tp_group
-
-        group = get_tp_group()
+        group = self._tp_group
         return obj if group.world_size == 1 else group.broadcast_object(obj, src=0)
 
     @property

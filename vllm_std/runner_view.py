@@ -17,6 +17,7 @@ class RunnerView:
     """Typed access to a bound `GPUModelRunner` (or its CPU subclass)."""
 
     def __init__(self, runner: Any, config: STDConfig) -> None:
+        from vllm.distributed import get_tp_group
         from vllm.model_executor.layers.attention.attention import Attention
         from vllm.model_executor.models.utils import extract_layer_index
 
@@ -40,8 +41,6 @@ class RunnerView:
         forward_context = self.vllm_config.compilation_config.static_forward_context
         self.layers: list[Attention] = [forward_context[name] for name in self.layer_names]
         self.backend_name: str = self.attn_group.backend.get_name()
-        from vllm.distributed import get_tp_group
-
         self._tp_group = get_tp_group()
 
     # Batch and requests -------------------------------------------------------------------------------
@@ -110,9 +109,7 @@ class RunnerView:
     @property
     def tp_rank(self) -> int:
         """This worker's tensor-parallel rank: only rank 0 logs and writes metrics."""
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        return get_tensor_model_parallel_rank()
+        return self._tp_group.rank_in_group
 
     # Running the model --------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from test_cost_model import CPU_VERIFY, DENSE, cost_models, situations
 
 from vllm_std.calibration import StepOverhead
 from vllm_std.cost_model import CostModel, RoundRow, VerifyCost
-from vllm_std.gamma_policy import AcceptanceTracker, GammaPolicy
+from vllm_std.gamma_policy import NOT_PAYING, AcceptanceTracker, GammaPolicy
 
 # A CPU-like engine: extra verify queries cost (query_growth 0.6), drafting reads 1/20 of the context.
 CPU = CostModel(DENSE, DENSE, CPU_VERIFY)
@@ -228,6 +228,53 @@ def test_idle_requests_probe_together_and_idle_plans_are_rechecked() -> None:
     policy.record("r0", 1, 0)
     policy.decide(cost, batch[:2], [])  # a round was verified
     assert _CountingPlans.plans == 7
+
+
+def test_steps_ahead_of_an_idle_plan_decide_as_planning_would() -> None:
+    """The proposer counts the steps of an unchanged batch that `idle_steps_ahead` covers with
+    `repeat_idle` instead of calling `decide`: each step gets the decisions `decide` would give it, probes
+    in the same steps, and `decide` runs for few of them."""
+
+    def run(skip: bool) -> tuple[list[list[str]], int]:
+        policy = GammaPolicy(max_gamma=6, probe_interval=16)
+        batch = [(f"r{i}", CONTEXT, SPARSE) for i in range(3)]
+        for req_id, *_ in batch:
+            policy.record(req_id, 4, 0)
+        steps: list[list[str]] = []
+        ahead = decided = 0
+        while len(steps) < 300:
+            if skip and ahead:
+                policy.repeat_idle()
+                ahead -= 1
+                steps.append(["not_paying"] * len(batch))
+                continue
+            decisions = policy.decide(CPU, batch, [])
+            decided += 1
+            steps.append([d.reason for d in decisions])
+            ahead = 0 if any(d.gamma for d in decisions) else policy.idle_steps_ahead()
+            for (req_id, *_), decision in zip(batch, decisions, strict=True):
+                if decision.gamma:
+                    policy.record(req_id, decision.gamma, 0)  # the probe's round, verified: rejected
+        return steps, decided
+
+    (planned, every_step), (repeated, fewer) = run(skip=False), run(skip=True)
+    assert repeated == planned and every_step == 300
+    assert [i for i, reasons in enumerate(planned) if "probe" in reasons] == [15, 47, 111, 239]
+    # `decide` at the first step, at each probe and the step after it (its round verified), and every
+    # `REPLAN_STEPS` (32) steps after a plan in between: 14 of 300.
+    assert fewer == 14
+
+
+def test_probes_re_measure_what_rounds_cost_beyond_their_forward_passes() -> None:
+    """Rounds measured to cost so much beyond their forward passes (a noisy moment) that no gamma pays, not
+    even fully accepted: requests still probe, sized by the costs without that part, since only rounds
+    measure it again. Without that, one bad measurement would stop drafting for the engine's life."""
+    row = ("r", CONTEXT, SPARSE)
+    costly_rounds = CPU.with_overhead(0.0, per_round=10 * CPU.dense(1, CONTEXT))
+    assert costly_rounds.fewest_paying([(CONTEXT, SPARSE, [1.0])], [0], 0, 6, 0.1) == 0
+    assert GammaPolicy(6, 16, 0.1).decide(costly_rounds, [row], []) == [NOT_PAYING]
+    probe = GammaPolicy(6, 16, 0.1).decide(costly_rounds, [row], [], probe_cost=CPU)[0]
+    assert probe.reason == "probe" and probe.gamma > 0
 
 
 def test_never_drafts_where_verify_cannot_pay() -> None:

@@ -198,37 +198,52 @@ _REJECTION_PASSES = """
 import os
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker runs here, where the counter is
 from vllm import LLM, SamplingParams
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.sample.rejection_sampler import RejectionSampler
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import vllm_request
 from vllm_std.fixtures.video import synthetic_frames
 
-passes = []
+passes, handovers = [], []
 forward = RejectionSampler.forward
 RejectionSampler.forward = lambda self, metadata, *a, **k: passes.append(metadata.max_spec_len) or forward(
     self, metadata, *a, **k
+)
+update = Scheduler.update_draft_token_ids
+Scheduler.update_draft_token_ids = lambda self, ids: handovers.append(any(ids.draft_token_ids)) or update(
+    self, ids
 )
 path = str(tiny_model("qwen2_vl"))
 llm = LLM(path, seed=0, max_model_len=4096, limit_mm_per_prompt={"video": 1},
           speculative_config={"method": "std", "num_speculative_tokens": 3, "top_k": 256, "adaptive": False})
 passes.clear()  # start-up's dummy sampler runs
+handovers.clear()
 params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 llm.generate([vllm_request(path, "Tell me about the red car.")], params, use_tqdm=False)
-text_only = len(passes)
+text_only, text_only_handovers = len(passes), len(handovers)
 video = vllm_request(path, "What happens?", videos=[synthetic_frames(32, 224, 224, seed=1)])
 llm.generate([video], params, use_tqdm=False)
 print("PASSES", text_only, len(passes), min(passes, default=-1))
+print("HANDOVERS", text_only_handovers, len(handovers), int(all(handovers)))
 """
 
 
-def test_steps_without_drafts_skip_the_rejection_sampler() -> None:
-    """`GPUModelRunnerPrepareInputsWithoutDraftsPatch` in a real engine: a text-only request (never drafted)
-    runs no rejection pass, a video request's verify steps do, and none of them is empty."""
+def test_steps_without_drafts_skip_the_rejection_sampler_and_the_draft_handover() -> None:
+    """`GPUModelRunnerPrepareInputsWithoutDraftsPatch` and `GPUModelRunnerTakeDraftTokenIdsPatch` in a real
+    engine: a text-only request (never drafted) runs no rejection pass and hands the scheduler no drafts;
+    a video request's verify steps run the rejection sampler, none of them empty, and every hand-over
+    holds drafts."""
     out = subprocess.run(
         [sys.executable, "-c", _REJECTION_PASSES], capture_output=True, text=True, timeout=600
     )
-    passes = [line for line in out.stdout.splitlines() if line.startswith("PASSES")]
-    assert out.returncode == 0 and passes, out.stderr[-3000:]
-    text_only, total, smallest = map(int, passes[0].split()[1:])
+    lines = {
+        line.split()[0]: list(map(int, line.split()[1:]))
+        for line in out.stdout.splitlines()
+        if line[:1].isupper()
+    }
+    assert out.returncode == 0 and "PASSES" in lines and "HANDOVERS" in lines, out.stderr[-3000:]
+    text_only, total, smallest = lines["PASSES"]
     assert text_only == 0
     assert total > 0 and smallest > 0
+    text_only_handovers, handovers, all_with_drafts = lines["HANDOVERS"]
+    assert text_only_handovers == 0 and handovers > 0 and all_with_drafts

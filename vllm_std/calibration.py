@@ -58,10 +58,13 @@ class StartupCalibration:
             forward()
         # Every round times each shape once, so that a change of the machine's speed during the calibration
         # (other tenants of a shared CPU) falls on dense, draft and verify steps alike: the policy weighs
-        # their ratios.
+        # their ratios. Each timed pass follows an untimed one of its shape, as a served step follows one
+        # like it: right after a pass over a long context, a short one ran up to twice as long on the CPU,
+        # which made short-context steps look dearer than they are.
         seconds: list[list[float]] = [[] for _ in shapes]
         for _ in range(self.REPEATS):
             for times, forward in zip(seconds, passes, strict=True):
+                forward()
                 start = time.perf_counter()
                 forward()
                 times.append(time.perf_counter() - start)

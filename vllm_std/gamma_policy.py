@@ -10,8 +10,10 @@ notice when drafting would pay again; they share the round's verify step. Each p
 wait before the next (up to `MAX_BACKOFF` times `probe_interval`), so rejected probes cost ever less; a
 probe that is fully accepted resets it, and its request probes again at the next step with twice as many
 drafts. A request that has not drafted yet probes at its first step. A probe drafts the fewest tokens that
-would pay (speed the batch up by more than the margin) if all were accepted; where not even that pays,
-acceptance is not what stops drafting, and nothing is probed.
+would pay (speed the batch up by more than the margin) if all were accepted and the round cost no more
+than its forward passes: what a round costs beyond them is measured from rounds, so it is re-measured by
+probes too, rather than believed for ever once rounds stop. Where not even that pays, neither acceptance
+nor a measurement stops drafting, and nothing is probed.
 """
 
 import dataclasses
@@ -126,12 +128,17 @@ class GammaPolicy:
         return tracker.estimate(engine[0], self.PRIOR_STRENGTH) if tracker else engine
 
     def decide(
-        self, cost: CostModel, drafting: Sequence[tuple[str, float, float]], others: Sequence[float]
+        self,
+        cost: CostModel,
+        drafting: Sequence[tuple[str, float, float]],
+        others: Sequence[float],
+        probe_cost: CostModel | None = None,
     ) -> list[Decision]:
         """Draft lengths for the requests `(req_id, context, sparse context)` that may draft this step, in
         a batch that also holds requests of contexts `others` that may not: the lengths that maximise the
         batch's predicted tokens per second if that beats plain decoding by more than `min_gain`
-        (`CostModel.plan`), then probes for the requests left out."""
+        (`CostModel.plan`), then probes for the requests left out, sized by `probe_cost` (the step costs
+        without what rounds were measured to cost beyond their forward passes; `cost` if None)."""
         batch = (tuple(req_id for req_id, *_ in drafting), len(others))
         self._since_probe += 1
         due = self._since_probe >= self._wait
@@ -151,7 +158,8 @@ class GammaPolicy:
             # and the engine-wide estimate may come from other videos (or be the bare prior).
             new = req_id not in self._seen
             idle |= not new
-            probe = self._probe_gamma(cost, rows, gammas, i, 2 * again) if new or again or due else 0
+            probing = new or again or due
+            probe = self._probe_gamma(probe_cost or cost, rows, gammas, i, 2 * again) if probing else 0
             if probe:
                 gammas[i] = probe
                 self._probing.add(req_id)
@@ -162,6 +170,21 @@ class GammaPolicy:
             if idle:  # a probe round (whether or not any probe could pay): the next one waits longer
                 self._wait = min(2 * self._wait, self.MAX_BACKOFF * self.probe_interval)
         return decisions
+
+    def idle_steps_ahead(self) -> int:
+        """After a `decide` that drafted nothing: how many of the next steps of the same batch would reuse
+        its all-zero plan (none due to be planned again or to probe). A caller that knows its batch
+        unchanged may count each of them with `repeat_idle` instead of calling `decide`, and then needs
+        neither the requests' contexts nor anything else `decide` takes."""
+        if self._idle_batch is None:
+            return 0
+        return max(0, min(self.REPLAN_STEPS - self._idle_age, self._wait - self._since_probe - 1))
+
+    def repeat_idle(self) -> None:
+        """A step of the batch of the last `decide`, within `idle_steps_ahead`: counted as `decide` would
+        count it, every request not drafting."""
+        self._since_probe += 1
+        self._idle_age += 1
 
     def _still_idle(self, batch: tuple[tuple[str, ...], int], due: bool) -> bool:
         """Whether this step may skip planning: the same batch as a plan that drafted nothing, fewer than

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from vllm_std.gamma_policy import REASONS, Decision
+from vllm_std.gamma_policy import NOT_PAYING, REASONS, Decision
 
 PREFIX = "vllm:spec_decode_"
 METRICS_DIR_ENV = "VLLM_STD_METRICS_DIR"
@@ -194,8 +194,8 @@ class STDMetrics:
         decisions = Counter(
             "vllm:std_gamma_decisions",
             "Per drafting-eligible request and step, why it drafts as it does: fixed (adaptive off), paying "
-            "(the cost model's best gamma), probe (one draft to re-measure acceptance), not_paying (no gamma "
-            "predicted to beat plain decoding).",
+            "(the cost model's best gamma), probe (the fewest drafts that could pay, to re-measure "
+            "acceptance and a round's cost), not_paying (no gamma predicted to beat plain decoding).",
             [*names, "decision"],
             registry=None,
         )
@@ -233,5 +233,12 @@ class STDMetrics:
         else:
             groups = collections.Counter(decisions).items()
         for decision, count in groups:
-            self.gamma.observe_times(decision.gamma, count)
-            self.decisions[decision.reason].inc(count)
+            self._chosen(decision, count)
+
+    def not_paying(self, times: int) -> None:
+        """`times` requests of a step that repeats a plan drafting nothing (`GammaPolicy.repeat_idle`)."""
+        self._chosen(NOT_PAYING, times)
+
+    def _chosen(self, decision: Decision, times: int) -> None:
+        self.gamma.observe_times(decision.gamma, times)
+        self.decisions[decision.reason].inc(times)

@@ -29,6 +29,9 @@ The inventory, in the order it is applied:
    sampler over them. Adaptive STD stops drafting where drafts cannot pay, and those steps should cost as
    little as STD can make them (on CPU the empty rejection pass was ~0.4 ms of a 3 ms step, the metadata
    ~0.2 ms more; the scheduler's speculative bookkeeping remains). Same tokens.
+7. `GPUModelRunnerTakeDraftTokenIdsPatch` (workers only, applied by `STDProposer.__init__`): after a step
+   in which no request drafted, the engine core receives no drafts rather than an empty list per request,
+   which the scheduler would walk to set every request's (already empty) drafts again. Same schedule.
 
 A patch refuses to apply, loudly, when the installed vLLM is not a supported version or its target's
 signature changed; `tests/test_patches.py` runs the same checks.
@@ -383,6 +386,28 @@ class GPUModelRunnerPrepareInputsWithoutDraftsPatch(VLLMPatch):
         return _prepare_inputs
 
 
+class GPUModelRunnerTakeDraftTokenIdsPatch(VLLMPatch):
+    """After a step in which no request drafted, the runner hands the engine core no drafts instead of a
+    list of empty ones. The scheduler empties every request's drafts as it schedules it, so that list would
+    only empty them again, at the cost of a pass over the batch each step. Not under async scheduling,
+    where the list also pads the drafts that a step already scheduled room for."""
+
+    target_module = "vllm.v1.worker.gpu_model_runner"
+    target_class = "GPUModelRunner"
+    target_method = "take_draft_token_ids"
+    expected_params = ("self",)
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def take_draft_token_ids(self):
+            drafts = self._draft_token_ids
+            if isinstance(drafts, list) and not self.use_async_scheduling and not any(drafts):
+                return None
+            return original(self)
+
+        return take_draft_token_ids
+
+
 class CPUExpandKernelPatch(VLLMPatch):
     """`output[cu[i-1]:cu[i]] = input_val[i]`, `replace_from` mapped to `replace_to`, for any dtype."""
 
@@ -435,5 +460,6 @@ PLUGIN_PATCHES: tuple[type[VLLMPatch], ...] = (
 WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (
     GPUModelRunnerKVCachePatch,
     GPUModelRunnerPrepareInputsWithoutDraftsPatch,
+    GPUModelRunnerTakeDraftTokenIdsPatch,
 )
 ALL_PATCHES = PLUGIN_PATCHES + WORKER_PATCHES

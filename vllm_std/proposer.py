@@ -68,11 +68,14 @@ class STDProposer:
         self.cost: CostModel | None = None
         self.policy: GammaPolicy | None = None
         self.overhead = StepOverhead()
-        self._priced: CostModel | None = None
+        self._priced: tuple[CostModel, CostModel] | None = None
         self._priced_steps = 0
         self._live: set[str] = set()  # the requests vLLM held at the last planned step
         self._batch: list[str] = []  # and the rows of its forward pass
         self._idle_steps = 0  # steps since, each like the one before it
+        # Of those, how many more the last decisions (none drafting) still cover, and for how many requests.
+        self._idle_left = 0
+        self._idle_eligible = 0
         self._drafted = False  # whether the last step drafted: the step being run then verifies
         self._verifying: dict[str, int] = {}  # drafts each request verifies in the step being run
         self._step_rows: list[tuple[float, int]] | None = None
@@ -221,6 +224,10 @@ class STDProposer:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         if self.view is None or self.scorer is None:
             return drafts
+        if self._idle_steps and self._idle_left:
+            self._repeat_idle()
+            return drafts
+        self._idle_left = 0
         if self.policy is not None:
             self._learn(sampled_token_ids, time.perf_counter())
         requests = self._draftable(sampled_token_ids, num_tokens_no_spec)
@@ -246,6 +253,17 @@ class STDProposer:
         if self.cost is not None and self.policy is not None:
             self.overhead.observe_drafting(self._round_end - start, self._predicted_drafting(requests))
         return drafts
+
+    def _repeat_idle(self) -> None:
+        """A step of an unchanged batch (`_plan_step` found nothing to plan) that the last decisions, none
+        drafting, still cover: they are counted again, on every rank alike, without looking at a request.
+        Such steps are most steps of a batch where STD does not pay, so what they cost is STD's floor."""
+        self._idle_left -= 1
+        if self.policy is not None:
+            self.policy.repeat_idle()
+        if self.metrics is not None:
+            self.metrics.not_paying(self._idle_eligible)
+        self._round_end = time.perf_counter()
 
     def _predicted_drafting(self, requests: list[_DraftRequest]) -> tuple[float, int]:
         """The round's draft forward passes as the cost model predicts them, and how many steps it ran."""
@@ -293,31 +311,42 @@ class STDProposer:
     def _gammas(self, eligible: list[tuple[int, str, int]], others: list[int]) -> list[int]:
         """Each eligible request's draft length: gamma, or with `adaptive` the policy's choice on rank 0 for
         the whole batch (the requests that may not draft, of contexts `others`, share its steps), sent to
-        the other ranks (their own timings would differ, and the ranks must draft in lockstep)."""
+        the other ranks (their own timings would differ, and the ranks must draft in lockstep) with how
+        many of the next steps it covers if none drafts (`_repeat_idle`)."""
         assert self.view is not None and self.scorer is not None
         if not self.config.adaptive:
-            decisions = [Decision(self.num_speculative_tokens, "fixed")] * len(eligible)
-        elif self.policy is None:
-            return self.view.broadcast_from_rank0(None)
-        else:
-            cost = self._priced_cost()
+            return self._chosen([Decision(self.num_speculative_tokens, "fixed")] * len(eligible))
+        plan = None
+        if self.policy is not None:
+            cost, probe_cost = self._priced_costs()
             block_size = self.view.block_size
             drafting = [
                 (req_id, float(n), float(self.scorer.selections[req_id].drafter_context(n, block_size)))
                 for _, req_id, n in eligible
             ]
-            decisions = self.policy.decide(cost, drafting, others)
+            gammas = self._chosen(self.policy.decide(cost, drafting, others, probe_cost))
+            plan = gammas, 0 if any(gammas) else self.policy.idle_steps_ahead()
+        gammas, self._idle_left = self.view.broadcast_from_rank0(plan)
+        self._idle_eligible = len(eligible)
+        return gammas
+
+    def _chosen(self, decisions: list[Decision]) -> list[int]:
+        """The decisions' draft lengths, the decisions counted on `/metrics` (rank 0)."""
         if self.metrics is not None:
             self.metrics.gammas_chosen(decisions)
-        gammas = [d.gamma for d in decisions]
-        return self.view.broadcast_from_rank0(gammas) if self.config.adaptive else gammas
+        return [d.gamma for d in decisions]
 
-    def _priced_cost(self) -> CostModel:
-        """The cost model with the engine's measured overheads, read again every `OVERHEAD_REFRESH` steps
-        (medians over the last 64 steps move slowly; reading them costs a tenth of a millisecond)."""
+    def _priced_costs(self) -> tuple[CostModel, CostModel]:
+        """The cost model with the engine's measured overheads, and with only a plain step's (what probes
+        are sized by: a round's own overheads are measured from rounds), read again every `OVERHEAD_REFRESH`
+        steps (medians over the last 64 steps move slowly; reading them costs a tenth of a millisecond)."""
         assert self.cost is not None
         if self._priced is None or self._priced_steps >= self.OVERHEAD_REFRESH:
-            self._priced = self.cost.with_overhead(self.overhead.fixed, *self.overhead.rounds())
+            fixed = self.overhead.fixed
+            self._priced = (
+                self.cost.with_overhead(fixed, *self.overhead.rounds()),
+                self.cost.with_overhead(fixed),
+            )
             self._priced_steps = 0
         self._priced_steps += 1
         return self._priced

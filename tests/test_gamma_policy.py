@@ -15,7 +15,7 @@ from test_cost_model import CPU_VERIFY, DENSE, cost_models, situations
 
 from vllm_std.calibration import StepOverhead
 from vllm_std.cost_model import CostModel, RoundRow, VerifyCost
-from vllm_std.gamma_policy import NOT_PAYING, AcceptanceTracker, GammaPolicy
+from vllm_std.gamma_policy import NOT_PAYING, AcceptanceTracker, Decision, GammaPolicy
 
 # A CPU-like engine: extra verify queries cost (query_growth 0.6), drafting reads 1/20 of the context.
 CPU = CostModel(DENSE, DENSE, CPU_VERIFY)
@@ -265,16 +265,28 @@ def test_steps_ahead_of_an_idle_plan_decide_as_planning_would() -> None:
     assert fewer == 14
 
 
-def test_probes_re_measure_what_rounds_cost_beyond_their_forward_passes() -> None:
+def test_probe_rounds_re_measure_what_rounds_cost_beyond_their_forward_passes() -> None:
     """Rounds measured to cost so much beyond their forward passes (a noisy moment) that no gamma pays, not
-    even fully accepted: requests still probe, sized by the costs without that part, since only rounds
-    measure it again. Without that, one bad measurement would stop drafting for the engine's life."""
+    even fully accepted: the due probe round still probes, sized by the costs without that part, since only
+    rounds measure it again (without that, one bad measurement would stop drafting for the engine's life).
+    A fully accepted probe is followed by a longer one only where the measured costs say it pays, else
+    accepted probes would chain on where drafting does not pay."""
     row = ("r", CONTEXT, SPARSE)
     costly_rounds = CPU.with_overhead(0.0, per_round=10 * CPU.dense(1, CONTEXT))
     assert costly_rounds.fewest_paying([(CONTEXT, SPARSE, [1.0])], [0], 0, 6, 0.1) == 0
-    assert GammaPolicy(6, 16, 0.1).decide(costly_rounds, [row], []) == [NOT_PAYING]
-    probe = GammaPolicy(6, 16, 0.1).decide(costly_rounds, [row], [], probe_cost=CPU)[0]
-    assert probe.reason == "probe" and probe.gamma > 0
+
+    def steps(probe_cost: CostModel | None) -> list[Decision]:
+        policy = GammaPolicy(6, 16, 0.1)
+        policy.record("r", 4, 0)  # not new: its first rounds were rejected
+        decisions = [policy.decide(costly_rounds, [row], [], probe_cost)[0] for _ in range(16)]
+        if decisions[-1].gamma:
+            policy.record("r", decisions[-1].gamma, decisions[-1].gamma)  # fully accepted
+        return [*decisions, policy.decide(costly_rounds, [row], [], probe_cost)[0]]
+
+    assert steps(None) == [NOT_PAYING] * 17
+    with_probes = steps(CPU)
+    assert with_probes[:15] == [NOT_PAYING] * 15 and with_probes[16] == NOT_PAYING
+    assert with_probes[15].reason == "probe" and with_probes[15].gamma > 0
 
 
 def test_never_drafts_where_verify_cannot_pay() -> None:

@@ -10,10 +10,10 @@ notice when drafting would pay again; they share the round's verify step. Each p
 wait before the next (up to `MAX_BACKOFF` times `probe_interval`), so rejected probes cost ever less; a
 probe that is fully accepted resets it, and its request probes again at the next step with twice as many
 drafts. A request that has not drafted yet probes at its first step. A probe drafts the fewest tokens that
-would pay (speed the batch up by more than the margin) if all were accepted and the round cost no more
-than its forward passes: what a round costs beyond them is measured from rounds, so it is re-measured by
-probes too, rather than believed for ever once rounds stop. Where not even that pays, neither acceptance
-nor a measurement stops drafting, and nothing is probed.
+would pay (speed the batch up by more than the margin) if all were accepted; where not even that pays,
+acceptance is not what stops drafting, and nothing is probed. Except in a due probe round, which sizes its
+probes as if a round cost no more than its forward passes: what a round costs beyond them is measured
+from rounds, so it is re-measured by these probes, rather than believed for ever once rounds stop.
 """
 
 import dataclasses
@@ -137,8 +137,9 @@ class GammaPolicy:
         """Draft lengths for the requests `(req_id, context, sparse context)` that may draft this step, in
         a batch that also holds requests of contexts `others` that may not: the lengths that maximise the
         batch's predicted tokens per second if that beats plain decoding by more than `min_gain`
-        (`CostModel.plan`), then probes for the requests left out, sized by `probe_cost` (the step costs
-        without what rounds were measured to cost beyond their forward passes; `cost` if None)."""
+        (`CostModel.plan`), then probes for the requests left out, those of a due probe round sized by
+        `probe_cost` (the step costs without what rounds were measured to cost beyond their forward
+        passes; `cost` if None)."""
         batch = (tuple(req_id for req_id, *_ in drafting), len(others))
         self._since_probe += 1
         due = self._since_probe >= self._wait
@@ -158,8 +159,11 @@ class GammaPolicy:
             # and the engine-wide estimate may come from other videos (or be the bare prior).
             new = req_id not in self._seen
             idle |= not new
-            probing = new or again or due
-            probe = self._probe_gamma(probe_cost or cost, rows, gammas, i, 2 * again) if probing else 0
+            # A due probe round re-measures a round's costs too; a request's first probe and the longer
+            # ones after accepted probes must pay by the measured costs (else accepted probes would chain on
+            # where drafting does not pay).
+            sizing = (probe_cost or cost) if due and not (new or again) else cost
+            probe = self._probe_gamma(sizing, rows, gammas, i, 2 * again) if new or again or due else 0
             if probe:
                 gammas[i] = probe
                 self._probing.add(req_id)

@@ -141,10 +141,11 @@ class GammaPolicy:
         `probe_cost` (the step costs without what rounds were measured to cost beyond their forward
         passes; `cost` if None)."""
         batch = (tuple(req_id for req_id, *_ in drafting), len(others))
+        if batch == self._idle_batch and self.idle_steps_ahead():
+            self.repeat_idle()
+            return [NOT_PAYING] * len(drafting)
         self._since_probe += 1
         due = self._since_probe >= self._wait
-        if self._still_idle(batch, due):
-            return [NOT_PAYING] * len(drafting)
         rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
         rows += [(n, n, None) for n in others]
         gammas = cost.plan(rows, self.max_gamma, self.min_gain)
@@ -176,10 +177,13 @@ class GammaPolicy:
         return decisions
 
     def idle_steps_ahead(self) -> int:
-        """After a `decide` that drafted nothing: how many of the next steps of the same batch would reuse
-        its all-zero plan (none due to be planned again or to probe). A caller that knows its batch
-        unchanged may count each of them with `repeat_idle` instead of calling `decide`, and then needs
-        neither the requests' contexts nor anything else `decide` takes."""
+        """After a `decide` that drafted nothing: how many of the next steps of the same batch reuse its
+        all-zero plan, fewer than `REPLAN_STEPS` steps after it, with no round verified since and no probe
+        due (the common step of a batch that does not draft, which then costs almost nothing). That plan
+        saw every request of the batch (none is new) and took their pending doublings; only `record` adds
+        one, and it drops the idle batch. A caller that knows its batch unchanged may count each of these
+        steps with `repeat_idle` instead of calling `decide`, and then needs neither the requests' contexts
+        nor anything else `decide` takes; `decide` itself does the same."""
         if self._idle_batch is None:
             return 0
         return max(0, min(self.REPLAN_STEPS - self._idle_age, self._wait - self._since_probe - 1))
@@ -189,17 +193,6 @@ class GammaPolicy:
         count it, every request not drafting."""
         self._since_probe += 1
         self._idle_age += 1
-
-    def _still_idle(self, batch: tuple[tuple[str, ...], int], due: bool) -> bool:
-        """Whether this step may skip planning: the same batch as a plan that drafted nothing, fewer than
-        `REPLAN_STEPS` steps ago, with no round verified since and no probe due (the common step of a
-        batch that does not draft, which then costs almost nothing). That plan saw every request of the
-        batch (none is new) and took their pending doublings; only `record` adds one, and it drops the
-        idle batch."""
-        if batch != self._idle_batch or self._idle_age >= self.REPLAN_STEPS or due:
-            return False
-        self._idle_age += 1
-        return True
 
     def _probe_gamma(
         self, cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int, grow: int

@@ -337,9 +337,10 @@ class STDProposer:
         return [d.gamma for d in decisions]
 
     def _priced_costs(self) -> tuple[CostModel, CostModel]:
-        """The cost model with the engine's measured overheads, and with only a plain step's (what probes
-        are sized by: a round's own overheads are measured from rounds), read again every `OVERHEAD_REFRESH`
-        steps (medians over the last 64 steps move slowly; reading them costs a tenth of a millisecond)."""
+        """The cost model with the engine's measured overheads, and with only a plain step's (what a due
+        probe round sizes its probes by: a round's own overheads are measured from rounds), read again every
+        `OVERHEAD_REFRESH` steps (medians over the last 64 steps move slowly; reading them costs a tenth of
+        a millisecond)."""
         assert self.cost is not None
         if self._priced is None or self._priced_steps >= self.OVERHEAD_REFRESH:
             fixed = self.overhead.fixed

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
-from vllm_std.bench_engines import engine as offline_engine
+from vllm_std.bench.engines import engine as offline_engine
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import synthetic_image, vllm_request
 from vllm_std.fixtures.video import synthetic_frames, write_mp4

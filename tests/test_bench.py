@@ -9,25 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_std import bench
-from vllm_std.bench import (
-    Method,
-    Workload,
-    add_arguments,
+from vllm_std.bench import command
+from vllm_std.bench.analysis import (
     conditional_acceptance,
     fit_cost_model,
-    methods,
     pooled_speedups,
-    sample_methods,
     step_costs,
     summarize,
 )
-from vllm_std.bench_engines import Batch, VideoQuestion
-from vllm_std.bench_report import markdown_table, pooled_table
+from vllm_std.bench.command import add_arguments, sample_methods
+from vllm_std.bench.engines import Batch, VideoQuestion
+from vllm_std.bench.methods import Method, Workload, methods, suffix_decoding_installed
+from vllm_std.bench.report import markdown_table, pooled_table
 
 
 def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
-    plan = methods(["none", "std", "adaptive", "ngram", "suffix", "streaming", "random"], [2, 4], [256, 1024])
+    plan = methods(
+        ["none", "std", "adaptive", "ngram", "suffix", "streaming", "recent_visual", "random"],
+        [2, 4],
+        [256, 1024],
+    )
     assert [m.label for m in plan] == [
         "none",
         "adaptive g<=4 K256",
@@ -37,6 +38,7 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
         "ngram g2",
         "suffix g2",
         "streaming g2 K256",
+        "recent_visual g2 K256",
         "random g2 K256",
         "adaptive g<=4 K256 again",
         "none again",
@@ -71,21 +73,21 @@ def test_suffix_decoding_runs_where_arctic_inference_is_installed(
 ) -> None:
     """The default methods include vLLM's suffix decoding only where it can run; asking for it where it
     cannot stops the bench at once, with the install line."""
-    monkeypatch.setattr(bench, "suffix_decoding_installed", lambda: installed)
-    assert ("suffix" in {m.kind for m in bench._plan(_bench_args())}) == installed
+    monkeypatch.setattr(command, "suffix_decoding_installed", lambda: installed)
+    assert ("suffix" in {m.kind for m in command._plan(_bench_args())}) == installed
     asked = _bench_args("--methods", "none,suffix")
     if installed:
-        assert [m.label for m in bench._plan(asked)] == ["none", "suffix g4", "none again"]
+        assert [m.label for m in command._plan(asked)] == ["none", "suffix g4", "none again"]
     else:
         with pytest.raises(SystemExit, match="pip install arctic-inference"):
-            bench._plan(asked)
+            command._plan(asked)
 
 
 def test_servers_replace_the_methods(capsys: pytest.CaptureFixture[str]) -> None:
     """Each `--server LABEL=URL` is one method, in the order given; a malformed one is a usage error."""
     args = _bench_args("--server", "none=http://127.0.0.1:8000/", "--server", "std=http://10.0.0.2:8001")
     assert args.server == [("none", "http://127.0.0.1:8000"), ("std", "http://10.0.0.2:8001")]
-    assert bench._plan(args) == [Method("none", "server"), Method("std", "server")]
+    assert command._plan(args) == [Method("none", "server"), Method("std", "server")]
     with pytest.raises(SystemExit):
         _bench_args("--server", "127.0.0.1:8000")
     assert "expected LABEL=URL" in capsys.readouterr().err
@@ -274,8 +276,8 @@ def test_bench_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     kinds = {r["kind"] for r in result["records"]}
-    suffix = {"suffix"} if bench.suffix_decoding_installed() else set()
-    assert kinds == {"none", "std", "adaptive", "ngram", "streaming", "random", *suffix}
+    suffix = {"suffix"} if suffix_decoding_installed() else set()
+    assert kinds == {"none", "std", "adaptive", "ngram", "streaming", "recent_visual", "random", *suffix}
     assert all(r["identical_to_no_speculation"] for r in result["records"])
     assert result["cost_model"] is not None
     assert (out / "bench.md").exists() and (out / "speedup_vs_gamma.png").exists()

@@ -239,12 +239,13 @@ def _slug(heading: str) -> str:
 
 
 def anchors(path: Path) -> set[str]:
-    text = _without_code(path.read_text())
+    text = _without_code(path.read_text(), keep_spans=True)  # `selection` in a heading is in its anchor
     return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*$", text, flags=re.M)}
 
 
-def _without_code(text: str) -> str:
-    """The text outside fenced blocks and inline code spans (links there are examples, not links)."""
+def _without_code(text: str, keep_spans: bool = False) -> str:
+    """The text outside fenced blocks and (unless `keep_spans`) inline code spans: links there are
+    examples, not links."""
     kept, fence = [], None
     for line in text.splitlines():
         match = _FENCE.match(line)
@@ -254,7 +255,8 @@ def _without_code(text: str) -> str:
             fence = None
         elif fence is None:
             kept.append(line)
-    return re.sub(r"`[^`\n]*`", "", "\n".join(kept))
+    text = "\n".join(kept)
+    return text if keep_spans else re.sub(r"`[^`\n]*`", "", text)
 
 
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")

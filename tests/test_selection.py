@@ -22,6 +22,7 @@ from vllm_std.selection import (
     compacted_block_table,
     compacted_seq_len,
     select_blocks,
+    streaming_blocks,
     visual_mask,
 )
 
@@ -128,7 +129,7 @@ def test_compacted_seq_len_by_hand() -> None:
 
 def test_request_selection_is_frozen() -> None:
     """A selection is fixed once scored; the proposer must not mutate it per step."""
-    sel = RequestSelection(torch.tensor([[0]]), 1, 0, 0, 0)
+    sel = RequestSelection(torch.tensor([[0]]), 1, 0, 0, 0, 0)
     with pytest.raises(AttributeError):
         sel.num_prompt_blocks = 2  # type: ignore[misc]
 
@@ -282,25 +283,51 @@ def test_compacted_view_reads_exactly_the_kept_positions_while_decoding(
 def test_kept_visual_tokens_are_the_visual_positions_of_the_kept_blocks(case: Case) -> None:
     """The figure behind `vllm:std_kept_visual_tokens_total`, and the context a draft step reads (what the
     cost model prices), counted position by position per layer."""
-    prompt, _, k = case
+    prompt, _, _ = case
     visual = prompt.visual()
     num_candidates = int(candidate_blocks(visual, prompt.block_size).sum())
     kept = select(case)
-    selection = RequestSelection(
-        kept, prompt.num_blocks, int(visual.sum()), num_candidates, min(k, num_candidates)
-    )
+    selection = RequestSelection.of(kept, visual, prompt.block_size)
+    assert selection.num_candidate_blocks == num_candidates
+    assert selection.num_prompt_blocks == prompt.num_blocks
     block_of = torch.arange(prompt.num_tokens) // prompt.block_size
     for row in kept:
-        assert selection.num_kept_visual_tokens(prompt.block_size) == int(
-            (visual & torch.isin(block_of, row)).sum()
-        )
+        assert selection.num_kept_visual_tokens == int((visual & torch.isin(block_of, row)).sum())
         read = int((~visual | torch.isin(block_of, row)).sum())
-        assert selection.drafter_context(prompt.num_tokens + 5, prompt.block_size) == read + 5
+        assert selection.drafter_context(prompt.num_tokens + 5) == read + 5
 
 
-def test_streaming_baseline_keeps_the_most_recent_visual_blocks() -> None:
+@settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
+@given(cases())
+def test_streaming_keeps_the_sinks_and_the_latest_blocks_within_std_budget(case: Case) -> None:
+    """The paper's StreamingLLM baseline: block 0 (the attention sinks) and the most recent prompt blocks,
+    as many as STD keeps, whatever they hold; the drafter then reads as many tokens as STD's."""
+    prompt, _, _ = case
+    visual = prompt.visual()
+    std = select(case)
+    kept = streaming_blocks(std.shape[0], prompt.num_blocks, std.shape[1])
+    m = std.shape[1]
+    assert kept.shape == std.shape
+    expected = ([0] if m > 1 else []) + list(range(prompt.num_blocks - (m - (m > 1)), prompt.num_blocks))
+    assert kept.tolist() == [expected] * std.shape[0]
+    streaming, attention = (RequestSelection.of(k, visual, prompt.block_size) for k in (kept, std))
+    # Same budget in tokens: both read whole blocks, and only a full block is ever dropped.
+    assert streaming.drafter_context(prompt.num_tokens) == attention.drafter_context(prompt.num_tokens)
+
+
+def test_streaming_drops_text_outside_its_window() -> None:
+    """Text before the video past the sink block is not read by the streaming drafter (STD reads it)."""
+    visual = torch.zeros(8 * 4, dtype=torch.bool)
+    visual[8:28] = True  # blocks of 4: 0-1 text, 2-6 visual, 7 text
+    kept = streaming_blocks(1, num_prompt_blocks=8, num_kept=4)
+    assert kept.tolist() == [[0, 5, 6, 7]]
+    selection = RequestSelection.of(kept, visual, 4)
+    assert selection.num_kept_visual_tokens == 8 and selection.num_dropped_tokens == 16
+
+
+def test_recent_visual_baseline_keeps_the_most_recent_visual_blocks() -> None:
     candidates = torch.tensor([False, True, True, True, True, False])
-    scores = baseline_scores("streaming", num_layers=2, num_blocks=6, seed=0)
+    scores = baseline_scores("recent_visual", num_layers=2, num_blocks=6, seed=0)
     assert select_blocks(scores, candidates, 2).tolist() == [[0, 3, 4, 5]] * 2
 
 

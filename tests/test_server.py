@@ -39,8 +39,8 @@ from helpers import (
 )
 from openai import OpenAI
 
-from vllm_std.bench_engines import VideoQuestion
-from vllm_std.bench_server import EVERY_FRAME, ServerEngine
+from vllm_std.bench.engines import VideoQuestion
+from vllm_std.bench.server import EVERY_FRAME, ServerEngine
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.video import synthetic_frames
 

@@ -17,7 +17,7 @@ from helpers import GREEDY, drafter_report, engine, mixed_requests, token_ids
 from vllm import LLM
 
 from vllm_std.metrics import acceptance_rate, spec_decode_counters, std_metrics
-from vllm_std.selection import baseline_scores
+from vllm_std.selection import baseline_scores, streaming_blocks
 
 ENGINE_ARGS = {
     "qwen2_vl": {"max_num_batched_tokens": 512},
@@ -107,7 +107,7 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
 
 
 @pytest.mark.slow  # benchmark-only policies; `vllm-std bench` (tests/test_bench.py) checks them too
-@pytest.mark.parametrize("selection", ["streaming", "random"])
+@pytest.mark.parametrize("selection", ["streaming", "recent_visual", "random"])
 def test_baseline_selections_are_lossless(selection: str) -> None:
     """The benchmark's baseline policies change only which blocks the drafter reads, never the output."""
     spec = {
@@ -124,7 +124,11 @@ def test_baseline_selections_are_lossless(selection: str) -> None:
     assert outputs == baseline("qwen2_vl", "float32")
     assert counters["num_drafts"] > 0
     assert len(report["history"]) == 4
-    for record in report["history"]:  # ranked by the policy, not by attention
+    for record in report["history"]:  # chosen by the policy, not by attention
         scores = torch.tensor(record["block_scores"])
-        seed = zlib.crc32(record["req_id"].encode())
-        assert torch.equal(scores, baseline_scores(selection, scores.shape[0], scores.shape[1], seed))
+        kept = torch.tensor(record["kept"])
+        if selection == "streaming":
+            assert torch.equal(kept, streaming_blocks(kept.shape[0], scores.shape[1], kept.shape[1]))
+        else:
+            seed = zlib.crc32(record["req_id"].encode())
+            assert torch.equal(scores, baseline_scores(selection, scores.shape[0], scores.shape[1], seed))

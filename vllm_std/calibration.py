@@ -195,8 +195,8 @@ class CostProfileExtension:
 def run_calibrate(args: argparse.Namespace) -> int:
     """`vllm-std calibrate`: start an engine with adaptive STD, take rank 0's measured cost model, save it
     as a profile for `"cost_profile"` (measured with the same model, gamma, context and parallelism)."""
-    from vllm_std.bench import environment
-    from vllm_std.bench_engines import engine
+    from vllm_std.bench.command import environment
+    from vllm_std.bench.engines import engine
 
     spec = {"method": "std", "num_speculative_tokens": args.gamma}
     with engine(

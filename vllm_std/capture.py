@@ -25,6 +25,7 @@ from vllm_std.selection import (
     baseline_scores,
     candidate_blocks,
     select_blocks,
+    streaming_blocks,
     visual_mask,
 )
 
@@ -201,24 +202,19 @@ class PrefillScorer:
             self._skip(req_id, "incomplete_capture")
             return
         candidates = candidate_blocks(state.visual, self.block_size)
-        if self.config.selection != "attention":
+        k_blocks = self.config.top_k_blocks(self.block_size)
+        if self.config.selection in ("recent_visual", "random"):
             seed = zlib.crc32(req_id.encode())
             scores = baseline_scores(self.config.selection, self.num_layers, candidates.shape[0], seed)
-        k_blocks = self.config.top_k_blocks(self.block_size)
         kept = select_blocks(scores, candidates, k_blocks)
-        num_candidates = int(candidates.sum())
-        selection = RequestSelection(
-            kept_prompt_blocks=kept,
-            num_prompt_blocks=candidates.shape[0],
-            num_visual_tokens=int(state.visual.sum()),
-            num_candidate_blocks=num_candidates,
-            num_kept_candidate_blocks=min(k_blocks, num_candidates),
-        )
+        if self.config.selection == "streaming":  # the same number of blocks, sinks and the latest ones
+            kept = streaming_blocks(self.num_layers, candidates.shape[0], kept.shape[1])
+        selection = RequestSelection.of(kept, state.visual, self.block_size)
         self.selections[req_id] = selection
         self.history.append(SelectionRecord(req_id, scores, selection))
         if self.metrics is not None:
             self.metrics.request_scored(
                 selection.num_visual_tokens,
-                selection.num_kept_visual_tokens(self.block_size),
+                selection.num_kept_visual_tokens,
                 state.scoring_seconds,
             )

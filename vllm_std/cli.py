@@ -17,7 +17,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from vllm_std.bench import run
+    from vllm_std.bench.command import run
 
     return run(args)
 
@@ -32,7 +32,7 @@ def _fixture(args: argparse.Namespace) -> int:
     if args.family == "sparse":
         from vllm_std.fixtures.sparse import sparse_model
 
-        print(sparse_model())
+        print(sparse_model(retrain=args.retrain))
         return 0
     from vllm_std.fixtures.models import tiny_model
 
@@ -44,19 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-std", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="generate on the tiny fixture with a synthetic video")
-    demo.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
-    demo.add_argument("--frames", type=int, default=64, help="frames of the synthetic video (64: 2k tokens)")
-    demo.add_argument("--size", type=int, default=224, help="frame height and width in pixels")
-    demo.add_argument("--batch", type=int, default=2, help="requests, each with its own video")
-    demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("--gamma", type=int, default=4, help="num_speculative_tokens")
-    demo.add_argument("--top-k", type=int, default=1024, help="visual tokens kept per layer")
-    demo.add_argument("--question", default="What happens in the video?")
+    demo = sub.add_parser(
+        "demo", help="STD on the trained look-up fixture: lossless, faster, and why selection matters"
+    )
+    from vllm_std.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="compare STD with no speculation, ngram and baseline selections")
-    from vllm_std.bench import add_arguments
+    from vllm_std.bench.command import add_arguments
 
     add_arguments(bench)
     bench.set_defaults(func=_bench)
@@ -73,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     fixture.add_argument(
         "family",
         choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision", "sparse"],
-        help="a random-weight family, or `sparse`: the Qwen2-VL trained on the look-up task (minutes)",
+        help="a random-weight family, or `sparse`: the Qwen2-VL trained on the look-up task (shipped with "
+        "the package)",
+    )
+    fixture.add_argument(
+        "--retrain",
+        action="store_true",
+        help="sparse only: train it anew here (about 30 minutes on 2 cores) into the fixture cache instead "
+        "of using the shipped checkpoint; pass the printed folder to `vllm-std bench --model`",
     )
     fixture.set_defaults(func=_fixture)
 

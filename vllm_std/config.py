@@ -16,7 +16,7 @@ ADDITIONAL_CONFIG_KEY = "std"
 PROPOSER_CLASS = "vllm_std.proposer.STDProposer"
 
 Modality = Literal["video", "image"]
-Selection = Literal["attention", "streaming", "random"]
+Selection = Literal["attention", "streaming", "recent_visual", "random"]
 
 
 class STDConfigError(ValueError):
@@ -45,8 +45,10 @@ class STDConfig(BaseModel):
     """Requests with fewer visual tokens than this get no drafts (they decode as without speculation)."""
     selection: Selection = "attention"
     """How each layer's K visual blocks are chosen: "attention" is STD (the question's attention at prefill).
-    "streaming" (the K most recent visual blocks; attention sinks and text are always kept) and "random" are
-    baselines, so that a benchmark compares selection policies with everything else equal."""
+    The others are baselines, so that a benchmark compares selection policies with everything else equal:
+    "streaming" is the paper's StreamingLLM drafter (the attention-sink block plus the most recent blocks of
+    the whole context, as many blocks as STD keeps, text or not); "recent_visual" keeps all text and the K
+    most recent visual blocks; "random" keeps all text and K random visual blocks per layer."""
 
     adaptive: bool = True
     """Choose each request's gamma (0 to num_speculative_tokens) at every step from the cost model and the
@@ -136,7 +138,7 @@ _ALLOWED = {
     "modalities": 'a non-empty list of "video" and/or "image"',
     "min_visual_tokens": "an integer >= 0",
     "method": '"std"',
-    "selection": '"attention" (STD), or the baselines "streaming" and "random"',
+    "selection": '"attention" (STD), or the baselines "streaming", "recent_visual" and "random"',
     "adaptive": "true or false",
     "probe_interval": "an integer >= 1 (steps)",
     "min_gain": "a number from 0 to 1 (0.1: draft only where 10 % faster is predicted)",

@@ -1,113 +1,145 @@
-"""`vllm-std demo`: the main job on the embedded default (a tiny fixture and a synthetic video).
+"""`vllm-std demo`: the main job on the embedded default, the trained look-up fixture shipped in the package.
 
-Runs the same requests through vLLM twice, without speculation and with STD, in one process one engine at a
-time, and prints whether the outputs are identical, STD's acceptance (from vLLM's own counters) and the
-ratio of decode time per output token. On the random-weight fixture attention is not sparse, so acceptance
-at small K is low: the demo shows the mechanics and the losslessness, not the paper's speedup.
+Each request asks about a long synthetic video whose answer sits in a short clip that the question picks
+(`vllm_std.fixtures.sparse`): the case STD is for. The same requests run without speculation, with STD as a
+user gets it (adaptive gamma), and with STD's drafter reading the paper's StreamingLLM selection and a random
+one at the same K, all engines alive at once and taking turns batch by batch (`vllm_std.bench`). It prints
+whether every output is identical to no speculation, STD's acceptance and speed, and the baselines'
+acceptance; vLLM's own logs go to a file unless `--verbose`.
 """
 
 import argparse
-import gc
-import json
-import time
+import tempfile
 from typing import Any
 
-from vllm_std.fixtures.models import tiny_model
-from vllm_std.fixtures.prompts import prompt_token_count, vllm_request
-from vllm_std.fixtures.video import synthetic_frames
-from vllm_std.metrics import acceptance_rate, spec_decode_counters, std_metrics
+from vllm_std.bench.analysis import summarize
+from vllm_std.bench.command import offline_engines, sample_methods
+from vllm_std.bench.methods import Method, Workload
+from vllm_std.bench.workloads import LookupQuestions, workload_source
+
+BASELINE_NAMES = {
+    "streaming": "streaming (attention sinks + the most recent tokens: the paper's baseline)",
+    "recent_visual": "recent_visual (all text + the most recent visual blocks)",
+    "random": "random (all text + random visual blocks)",
+}
 
 
-def _run(
-    path: str, requests: list[dict], speculative_config: Any, max_tokens: int, prompt_tokens: int
-) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(
-        path,
-        dtype="float32",
-        max_model_len=prompt_tokens + max_tokens + 64,
-        # A video item is encoded in one go: the encoder budget must hold all of its tokens.
-        max_num_batched_tokens=max(8192, prompt_tokens),
-        limit_mm_per_prompt={"video": 1},
-        speculative_config=speculative_config,
-        seed=0,
-        disable_log_stats=False,
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ints = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    parser.add_argument(
+        "--model",
+        default="sparse",
+        help="`sparse` (default): the trained look-up fixture; a folder it was retrained into; or any "
+        "checkpoint folder, asked `--question` about synthetic videos",
     )
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    # Warm up with text only: a warm-up on the video would put it in the prefix cache (and STD skips those).
-    llm.generate([{"prompt": "Hello"}], SamplingParams(max_tokens=2), use_tqdm=False)
-    start = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    counters = spec_decode_counters(llm)
-    std = std_metrics(llm)
-    del llm
-    gc.collect()
-    return {
-        "outputs": outputs,
-        "seconds": elapsed,
-        "counters": counters,
-        "std": std,
-        "tpot": _time_per_output_token(outputs),
-    }
-
-
-def _time_per_output_token(outputs: list[Any]) -> float:
-    """Mean decode time per output token after the first (vLLM's engine-core timestamps), in seconds."""
-    per_request = [
-        (o.metrics.last_token_ts - o.metrics.first_token_ts) / (len(o.outputs[0].token_ids) - 1)
-        for o in outputs
-        if o.metrics is not None and len(o.outputs[0].token_ids) > 1
-    ]
-    return sum(per_request) / len(per_request) if per_request else float("nan")
+    parser.add_argument("--visual-tokens", type=int, default=8192, help="visual tokens per video")
+    parser.add_argument(
+        "--batch", type=int, default=4, help="requests generated together, each its own video"
+    )
+    parser.add_argument("--batches", type=int, default=2, help="batches, each of other videos")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--gamma", type=int, default=6, help="num_speculative_tokens (adaptive STD's cap)")
+    parser.add_argument("--top-k", type=int, default=1024, help="visual tokens each layer's drafter keeps")
+    parser.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="STD as users get it: each step drafts what the measured costs say pays, up to gamma "
+        "(--no-adaptive: gamma tokens at every step, as in the paper)",
+    )
+    parser.add_argument(
+        "--baselines",
+        type=ints,
+        default=["streaming", "random"],
+        help=f"comma-separated selections to compare at the same gamma and K: {', '.join(BASELINE_NAMES)} "
+        "(empty: none)",
+    )
+    parser.add_argument("--question", default="What happens in the video?", help="for a model of your own")
+    parser.add_argument("--verbose", action="store_true", help="show vLLM's logs instead of saving them")
+    parser.add_argument("--log", help="where vLLM's logs go (default: a new file in the temp folder)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    path = str(tiny_model(args.family))
-    requests = [
-        vllm_request(
-            path, args.question, videos=[synthetic_frames(args.frames, args.size, args.size, seed=s)]
+    unknown = [b for b in args.baselines if b not in BASELINE_NAMES]
+    if unknown:
+        raise SystemExit(f"vllm-std demo: unknown --baselines {unknown}; choose from {list(BASELINE_NAMES)}")
+    log = None if args.verbose else (args.log or tempfile.mkstemp(prefix="vllm-std-demo-", suffix=".log")[1])
+    model, videos = workload_source(args.model, args.question, frame_side=224)
+    lookup = isinstance(videos, LookupQuestions)
+    workload = Workload(args.visual_tokens, args.batch)
+    if args.adaptive:
+        std = Method(
+            f"STD (adaptive, gamma <= {args.gamma}, K {args.top_k})", "adaptive", args.gamma, args.top_k
         )
-        for s in range(args.batch)
-    ]
-    spec = {"method": "std", "num_speculative_tokens": args.gamma, "top_k": args.top_k}
-    print(f"model: {path}")
-    print(
-        f"video: {args.frames} frames of {args.size}x{args.size}, batch {args.batch}; STD: {json.dumps(spec)}"
-    )
-
-    prompt_tokens = prompt_token_count(path, requests[0])
-    dense = _run(path, requests, None, args.max_tokens, prompt_tokens)
-    std = _run(path, requests, spec, args.max_tokens, prompt_tokens)
-
-    identical = [
-        list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
-        for a, b in zip(dense["outputs"], std["outputs"], strict=True)
-    ]
-    counters = std["counters"]
-    generated = sum(len(o.outputs[0].token_ids) for o in std["outputs"])
-    print(f"prompt tokens per request: {prompt_tokens}; generated {generated} tokens in all")
-    print(f"first output: {std['outputs'][0].outputs[0].text[:120]!r}")
-    print(f"outputs identical with and without STD: {all(identical)} ({sum(identical)}/{len(identical)})")
-    if counters.get("num_draft_tokens"):
-        rate = acceptance_rate(counters)
-        mean_len = 1 + counters["num_accepted_tokens"] / counters["num_drafts"]
-        drafts = counters["num_draft_tokens"]
-        print(f"acceptance: {rate:.1%} of {drafts:.0f} draft tokens; mean accepted length {mean_len:.2f}")
     else:
-        print("acceptance: no drafts were made")
-    selection = std["std"]
-    if selection.get("visual_tokens"):
-        kept, visual = selection["kept_visual_tokens"], selection["visual_tokens"]
-        skipped = ", ".join(f"{n:.0f} {reason}" for reason, n in selection["requests_skipped"].items() if n)
-        print(
-            f"drafter reads {kept:.0f} of {visual:.0f} visual tokens per layer ({kept / visual:.1%}); "
-            f"{selection['requests_scored']:.0f} requests scored; not drafted: {skipped or 'none'}"
-        )
-    off_ms, std_ms = dense["tpot"] * 1e3, std["tpot"] * 1e3
+        std = Method(f"STD (fixed gamma {args.gamma}, K {args.top_k})", "std", args.gamma, args.top_k)
+    plan = [Method("none", "none"), std]
+    plan += [Method(b, b, args.gamma, args.top_k) for b in args.baselines]
+    what = "the trained look-up fixture" if lookup else model
     print(
-        f"time per output token: {off_ms:.2f} ms without speculation, {std_ms:.2f} ms with STD "
-        f"(speedup {off_ms / std_ms:.2f}x); generate(): {dense['seconds']:.2f} s vs {std['seconds']:.2f} s"
+        f"vllm-std demo: {what}; questions about videos of {args.visual_tokens} visual tokens, "
+        f"batch {args.batch} x {args.batches} batches, {args.max_tokens} tokens each"
     )
+    print(f"engines: no speculation, {', '.join(m.label for m in plan[1:])}")
+    print(f"vLLM's logs: {log}" if log else "vLLM's logs: below")
+    start = offline_engines(model, videos.text_tokens, [workload], args.max_tokens, "float32", log=log)
+    rounds = [(workload, 1000 * r) for r in range(args.batches)]
+    samples = sample_methods(plan, rounds, start, videos.requests, args.max_tokens, interleaved=True)
+    figures = {m.label: summarize(samples[m.label, workload.label]) for m in plan}
+    if lookup:
+        _show_answer(model, workload, figures["none"]["token_ids"][0])
+    return _report(plan, figures)
+
+
+def _show_answer(model: str, workload: Workload, token_ids: list[int]) -> None:
+    """The first request: where its answer sits in the video, and the model's answer (the clip's words)."""
+    from transformers import AutoTokenizer
+
+    from vllm_std.fixtures.sparse import MARKERS, question, sparse_episode
+
+    episode = sparse_episode(workload.visual_tokens, seed=0)
+    first, length = episode.clip
+    answer = AutoTokenizer.from_pretrained(model).decode(token_ids).split()
+    right = answer == episode.answer_words(len(answer))
+    print(
+        f'first request: "{question(MARKERS[episode.marker])}" The answer is in visual tokens '
+        f"{first}-{first + length - 1} of {workload.visual_tokens}; the model says: "
+        f"{' '.join(answer[:10])} ... ({'' if right else 'not '}the clip's words)"
+    )
+
+
+def _report(plan: list[Method], figures: dict[str, dict[str, Any]]) -> int:
+    none, std = (figures[m.label] for m in plan[:2])
+    speculative = plan[1:]
+    identical = [figures[m.label]["token_ids"] == none["token_ids"] for m in speculative]
+    requests = len(none["token_ids"])
+    differ = [m.label for m, same in zip(speculative, identical, strict=True) if not same]
+    verdict = "yes" if not differ else f"NO ({', '.join(differ)} differ)"
+    print(
+        f"outputs identical to no speculation: {verdict}, all {len(identical)} drafters on all {requests} "
+        "requests"
+        if not differ
+        else f"outputs identical to no speculation: {verdict}"
+    )
+    print(f"{plan[1].label}: {_acceptance(std)}")
+    print(
+        f"  time per output token {std['tpot_seconds'] * 1e3:.2f} ms, without speculation "
+        f"{none['tpot_seconds'] * 1e3:.2f} ms: {none['tpot_seconds'] / std['tpot_seconds']:.2f}x"
+    )
+    if len(plan) > 2:
+        print(f"the same drafter, other selections (fixed gamma {plan[2].gamma}, K {plan[2].top_k}):")
+    for m in plan[2:]:
+        f = figures[m.label]
+        print(
+            f"  {BASELINE_NAMES[m.kind]}: {_acceptance(f)}, {none['tpot_seconds'] / f['tpot_seconds']:.2f}x"
+        )
     return 0 if all(identical) else 1
+
+
+def _acceptance(f: dict[str, Any]) -> str:
+    if not f["draft_tokens"]:
+        return "no drafts"
+    return (
+        f"acceptance {f['acceptance_rate']:.0%} of {f['draft_tokens']:.0f} draft tokens "
+        f"(mean accepted length {f['mean_acceptance_length']:.2f})"
+    )

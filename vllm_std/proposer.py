@@ -268,7 +268,7 @@ class STDProposer:
     def _predicted_drafting(self, requests: list[_DraftRequest]) -> tuple[float, int]:
         """The round's draft forward passes as the cost model predicts them, and how many steps it ran."""
         assert self.cost is not None and self.view is not None
-        contexts = [r.selection.drafter_context(r.num_tokens, self.view.block_size) for r in requests]
+        contexts = [r.selection.drafter_context(r.num_tokens) for r in requests]
         steps = max(r.num_drafts for r in requests)
         seconds = 0.0
         for step in range(steps):
@@ -319,9 +319,8 @@ class STDProposer:
         plan = None
         if self.policy is not None:
             cost, probe_cost = self._priced_costs()
-            block_size = self.view.block_size
             drafting = [
-                (req_id, float(n), float(self.scorer.selections[req_id].drafter_context(n, block_size)))
+                (req_id, float(n), float(self.scorer.selections[req_id].drafter_context(n)))
                 for _, req_id, n in eligible
             ]
             gammas = self._chosen(self.policy.decide(cost, drafting, others, probe_cost))

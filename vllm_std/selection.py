@@ -44,14 +44,33 @@ def select_blocks(block_scores: torch.Tensor, candidates: torch.Tensor, k_blocks
 
 
 def baseline_scores(policy: str, num_layers: int, num_blocks: int, seed: int) -> torch.Tensor:
-    """`[L, nb]` block scores of a baseline policy, for `select_blocks` in place of attention scores:
-    "streaming" ranks later blocks higher (the most recent visual blocks win), "random" draws them per layer
-    from a generator seeded by `seed` (the same on every tensor-parallel rank)."""
-    if policy == "streaming":
+    """`[L, nb]` block scores of a ranking baseline, for `select_blocks` in place of attention scores:
+    "recent_visual" ranks later blocks higher (the most recent visual blocks win), "random" draws them per
+    layer from a generator seeded by `seed` (the same on every tensor-parallel rank)."""
+    if policy == "recent_visual":
         return torch.arange(num_blocks, dtype=torch.float32).expand(num_layers, -1)
     if policy == "random":
         return torch.rand(num_layers, num_blocks, generator=torch.Generator().manual_seed(seed))
     raise ValueError(f"unknown baseline selection policy {policy!r}")
+
+
+def streaming_blocks(
+    num_layers: int, num_prompt_blocks: int, num_kept: int, sink_blocks: int = 1
+) -> torch.Tensor:
+    """StreamingLLM's cache (Xiao et al., ICLR 2024), the paper's baseline drafter: the attention sinks at the
+    start of the context plus the most recent window, whatever the tokens are (text before or between
+    videos falls out of the window like visual tokens do).
+
+    In blocks: the first `sink_blocks` and the last prompt blocks, `num_kept` prompt blocks in all (STD's
+    budget: its K visual blocks plus every block it keeps anyway). Every block after the prompt is read by
+    both drafters, so at each step the window is the most recent `num_kept - sink_blocks` blocks of the
+    prompt plus all generated tokens: the whole context's most recent tokens, within STD's budget at that
+    step. Returns `[L, min(num_kept, nb)]` ascending, the same for every layer.
+    """
+    num_kept = min(num_kept, num_prompt_blocks)
+    sinks = min(sink_blocks, num_kept - 1) if num_kept > 1 else 0
+    recent = torch.arange(num_prompt_blocks - (num_kept - sinks), num_prompt_blocks)
+    return torch.cat([torch.arange(sinks), recent]).expand(num_layers, -1)
 
 
 def compacted_block_table(
@@ -80,13 +99,26 @@ class RequestSelection:
     num_prompt_blocks: int
     num_visual_tokens: int
     num_candidate_blocks: int
-    num_kept_candidate_blocks: int
+    num_kept_visual_tokens: int  # visual tokens each layer's drafter still reads
+    num_dropped_tokens: int  # prompt tokens each layer's drafter does not read
 
-    def num_kept_visual_tokens(self, block_size: int) -> int:
-        """Visual tokens each layer's drafter still reads: all but those in dropped (all-visual) blocks."""
-        dropped = self.num_candidate_blocks - self.num_kept_candidate_blocks
-        return self.num_visual_tokens - dropped * block_size
+    @classmethod
+    def of(
+        cls, kept_prompt_blocks: torch.Tensor, visual: torch.Tensor, block_size: int
+    ) -> "RequestSelection":
+        """The selection `kept_prompt_blocks` makes of a prompt whose visual positions are `visual`. Every
+        layer keeps as many blocks (counted on layer 0), and a dropped block is always a full one."""
+        block_of = torch.arange(visual.shape[0]) // block_size
+        read = torch.isin(block_of, kept_prompt_blocks[0])
+        return cls(
+            kept_prompt_blocks=kept_prompt_blocks,
+            num_prompt_blocks=-(-visual.shape[0] // block_size),
+            num_visual_tokens=int(visual.sum()),
+            num_candidate_blocks=int(candidate_blocks(visual, block_size).sum()),
+            num_kept_visual_tokens=int((visual & read).sum()),
+            num_dropped_tokens=int((~read).sum()),
+        )
 
-    def drafter_context(self, num_tokens: int, block_size: int) -> int:
-        """Tokens a draft step reads at context `num_tokens`: all but the visual tokens of dropped blocks."""
-        return num_tokens - self.num_visual_tokens + self.num_kept_visual_tokens(block_size)
+    def drafter_context(self, num_tokens: int) -> int:
+        """Tokens a draft step reads at context `num_tokens`: all but the prompt tokens of dropped blocks."""
+        return num_tokens - self.num_dropped_tokens

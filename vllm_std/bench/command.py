@@ -1,0 +1,316 @@
+"""The `vllm-std bench` command: its arguments, the plan of engines and rounds, and the run that writes
+`bench.json`, `bench.md` and the plots (`vllm_std.bench.report`)."""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vllm_std.bench.analysis import fit_cost_model, pooled_speedups, step_costs, summarize
+from vllm_std.bench.engines import Batch, Engine, EngineProcess, engine_processes
+from vllm_std.bench.methods import BASELINES, METHODS, Method, Workload, methods, suffix_decoding_installed
+from vllm_std.bench.server import ServerEngine, parse_server, served_model
+from vllm_std.bench.workloads import LookupQuestions, VideoQuestions, file_frames, workload_source
+
+_TIMING_ENV = (
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "OMP_NUM_THREADS",
+    "LD_PRELOAD",
+)
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import vllm
+
+    return {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # What decides the timings on a CPU as much as the method: where vLLM binds its OpenMP threads and
+        # whether the engine core shares the front end's process (docs/benchmarks.md, "Measuring on a CPU").
+        **{name: os.environ.get(name) for name in _TIMING_ENV},
+    }
+
+
+WARM_UP_SEED = 10**6  # plus a round's seed: other videos than any measured batch's
+
+
+def sample_methods(
+    plan: list[Method],
+    rounds: list[tuple[Workload, int]],
+    start: Callable[[Method], Engine],
+    requests: Callable[[Workload, int], Batch],
+    output_len: int,
+    interleaved: bool,
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every method's samples of every round (a workload's batch, by seed), by (method, workload) label;
+    before a workload's first round, each engine runs a batch of its shape that is not measured.
+
+    Interleaved, all engines are alive at once and every round's batch runs on each in turn, the order
+    reversed every other round (A B C, C B A, ...), so that a drift of the machine's speed falls on every
+    method alike; sequential, one engine at a time runs all rounds (models too large to hold one engine per
+    method)."""
+    groups = [plan] if interleaved else [[m] for m in plan]
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    progress = tqdm(total=len(plan) * len(rounds), desc="batches", unit="batch")
+    for group in groups:
+        starting = tqdm(group, desc="starting engines", unit="engine", leave=False)
+        with engine_processes(start(m) for m in starting) as engines:
+            warm: set[Workload] = set()
+            for i, (workload, seed) in enumerate(rounds):
+                turns = engines if i % 2 == 0 else engines[::-1]
+                if workload not in warm:  # first shapes of a batch size and context: not measured
+                    warm.add(workload)
+                    warm_up = requests(workload, WARM_UP_SEED + seed)
+                    for e in turns:
+                        e.sample(warm_up, 8)
+                batch = requests(workload, seed)
+                for e in turns:
+                    progress.set_postfix_str(f"{workload.label}: {e.label}")
+                    samples.setdefault((e.label, workload.label), []).append(e.sample(batch, output_len))
+                    progress.update()
+    progress.close()
+    return samples
+
+
+def kv_cache_bytes(model: str, dtype: str, tokens: int) -> int:
+    """KV cache bytes for `tokens` tokens of `model` (its text model's layers, KV heads and head size)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if dtype == "auto":
+        dtype = str(getattr(text, "torch_dtype", None) or config.torch_dtype or "bfloat16")
+    element = torch.empty((), dtype=getattr(torch, dtype.removeprefix("torch."))).element_size()
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * element * tokens
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_std.bench.report import write_report
+
+    plan = _plan(args)
+    model, videos = _workload_source(args)
+    workloads = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
+    if args.server:
+        urls = dict(args.server)
+        start: Callable[[Method], Engine] = lambda m: ServerEngine(m.label, urls[m.label])  # noqa: E731
+    else:
+        start = offline_engines(
+            model,
+            videos.text_tokens,
+            workloads,
+            args.output_len,
+            args.dtype,
+            args.max_num_batched_tokens,
+            args.kv_cache_gib,
+            args.log,
+        )
+    rounds = [
+        (workload, 1000 * (i * args.repeats + r))
+        for i, workload in enumerate(workloads)
+        for r in range(args.repeats)
+    ]
+    samples = sample_methods(
+        plan, rounds, start, videos.requests, args.output_len, interleaved=args.schedule == "interleaved"
+    )
+    records: list[dict[str, Any]] = []
+    reference: dict[str, list[list[int]]] = {}
+    for method in plan:
+        for workload in workloads:
+            record = summarize(samples[method.label, workload.label])
+            token_ids = record.pop("token_ids")
+            reference.setdefault(workload.label, token_ids)
+            record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
+            record["method"], record["workload"] = method.label, workload.label
+            record["identical_to_no_speculation"] = token_ids == reference[workload.label]
+            if method.top_k:
+                record["sparse_context"] = (
+                    min(method.top_k, workload.visual_tokens)
+                    + record["prompt_tokens"]
+                    - workload.visual_tokens
+                )
+            if method.gamma and method.kind != "adaptive":  # adaptive's length varies: no per-step cost
+                step_costs(record, method.gamma)
+            records.append(record)
+    none = {r["workload"]: r for r in records if r["method"] == "none"}
+    for r in records:
+        if r["workload"] in none:
+            r["speedup_tpot"] = none[r["workload"]]["tpot_seconds"] / r["tpot_seconds"]
+            r["speedup_tpot_by_batch"] = [
+                a / b
+                for a, b in zip(
+                    none[r["workload"]]["tpot_seconds_by_batch"], r["tpot_seconds_by_batch"], strict=True
+                )
+            ]
+            r["speedup_throughput"] = (
+                r["output_tokens_per_second"] / none[r["workload"]]["output_tokens_per_second"]
+            )
+    pooled = pooled_speedups(records)
+    cost_model = fit_cost_model(records, args.output_len)
+    if cost_model is not None:
+        for r in records:
+            if r["kind"] in ("std", *BASELINES) and r["accepted_at"]:
+                r["predicted_speedup"] = cost_model.speedup(
+                    r["batch"],
+                    r["prompt_tokens"] + args.output_len / 2,
+                    r["sparse_context"] + args.output_len / 2,
+                    r["accepted_at"],
+                    r["gamma"],
+                )
+    result = {
+        "command": vars(args),
+        "model": model,
+        "environment": environment(),
+        "tokens_per_frame": videos.tokens_per_frame,
+        "cost_model": dataclasses.asdict(cost_model) if cost_model else None,
+        "records": records,
+        "pooled": pooled,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
+    write_report(result, out)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots")
+    return 0 if all(r["identical_to_no_speculation"] for r in records) else 1
+
+
+def _plan(args: argparse.Namespace) -> list[Method]:
+    """The methods to run: one per `--server`, or those of `--methods` (suffix decoding only where it can
+    run: the default leaves it out, asking for it stops here, before any model is built)."""
+    if args.server:
+        return [Method(label, "server") for label, _ in args.server]
+    installed = suffix_decoding_installed()
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m != "suffix" or installed]
+    elif "suffix" in args.methods and not installed:
+        raise SystemExit(
+            "vllm-std bench: --methods suffix needs Arctic Inference, which vLLM's suffix decoding "
+            "imports: pip install arctic-inference (CPU: docs/benchmarks.md#suffix-decoding-on-a-cpu)"
+        )
+    return methods(args.methods, args.gamma, args.top_k)
+
+
+def offline_engines(
+    model: str,
+    text_tokens: float,
+    workloads: list[Workload],
+    output_len: int,
+    dtype: str,
+    max_num_batched_tokens: int | None = None,
+    kv_cache_gib: float | None = None,
+    log: str | None = None,
+) -> Callable[[Method], Engine]:
+    """Starts a method's offline engine (its vLLM output appended to `log`, if given), sized for the
+    largest of `workloads`."""
+    visual_tokens, batch = max(w.visual_tokens for w in workloads), max(w.batch for w in workloads)
+    max_model_len = int(visual_tokens * 1.1 + text_tokens + output_len + 256)
+    engine_kwargs = {
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        # By default a workload's prompts all prefill in its first step, so that every later step is a pure
+        # decode step (what the step costs and the cost model describe), as in the paper's measurements.
+        "max_num_batched_tokens": max_num_batched_tokens or max_model_len * batch,
+        "limit_mm_per_prompt": {"video": 1},
+        # Every batch brings videos no engine has seen, so vLLM's processed-input cache (4 GiB per engine by
+        # default) would only fill: at 8k x4 with ten engines alive, it ran the machine out of memory.
+        "mm_processor_cache_gb": 0,
+        # Each engine holds what the largest workload needs (a quarter more: block rounding, drafts), not
+        # a share of the machine, so that all of a run's engines fit at once (VLLM_CPU_KVCACHE_SPACE is
+        # not passed on to them).
+        "kv_cache_memory_bytes": int(kv_cache_gib * 2**30)
+        if kv_cache_gib
+        else kv_cache_bytes(model, dtype, int(batch * max_model_len * 1.25) + 1024),
+    }
+    return lambda m: EngineProcess(
+        m.label, model, engine_kwargs | {"speculative_config": m.speculative_config()}, log
+    )
+
+
+def _workload_source(args: argparse.Namespace) -> tuple[str, VideoQuestions | LookupQuestions]:
+    """The model and its requests (`workloads.workload_source`); with `--server`, the model defaults to the
+    first server's."""
+    if args.model is None and args.server:
+        args.model = served_model(args.server[0][1])
+    frames = file_frames(args.video) if args.video else None
+    model, videos = workload_source(args.model, args.question, args.frame_side, frames)
+    args.model = model
+    return model, videos
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument(
+        "--model",
+        help="checkpoint folder or hub id; `sparse` for the trained look-up fixture (default: the tiny "
+        "random-weight Qwen2-VL fixture)",
+    )
+    parser.add_argument(
+        "--video",
+        type=lambda s: s.split(","),
+        help="comma-separated video files to sample frames from instead of synthetic videos",
+    )
+    parser.add_argument("--visual-tokens", type=ints, default=[1024, 4096], help="comma-separated")
+    parser.add_argument("--batch", type=ints, default=[1, 4], help="comma-separated batch sizes")
+    parser.add_argument("--gamma", type=ints, default=[4], help="comma-separated num_speculative_tokens")
+    parser.add_argument("--top-k", type=ints, default=[512], help="comma-separated K (visual tokens kept)")
+    parser.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        help="comma-separated: none, std (fixed gamma), adaptive, ngram, suffix (vLLM's suffix decoding; it "
+        "needs `pip install arctic-inference`), streaming (the paper's StreamingLLM drafter), recent_visual, "
+        "random (default: all, suffix where installed)",
+    )
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="batches per workload, each of other videos (the same for every method); figures pool them",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="vLLM's prefill budget per step (default: a whole workload, so that decode steps are pure)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="interleaved (default): every method's engine alive at once, taking turns batch by batch; "
+        "sequential: one engine at a time (models too large to hold one engine per method)",
+    )
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="KV cache per engine (default: what the largest workload needs)",
+    )
+    parser.add_argument("--question", default="What happens in the video?")
+    parser.add_argument("--frame-side", type=int, default=224)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--server",
+        type=parse_server,
+        action="append",
+        metavar="LABEL=URL",
+        help="a running `vllm serve` to measure instead of offline engines (repeat it, one per method; the "
+        "first, say none=URL without speculation, is the reference; each must serve nothing else meanwhile); "
+        "--methods, --gamma, --top-k, --dtype and --schedule then do not apply",
+    )
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--log", help="a file for the offline engines' vLLM logs (default: the terminal)")

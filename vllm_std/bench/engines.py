@@ -1,0 +1,216 @@
+"""The bench's engines: one offline `LLM` per process, sampled batch by batch through a pipe.
+
+Why a process per engine: the figures come from the engine's metrics (vLLM's and STD's), which live in the
+process's default Prometheus registry, and a second `LLM` in one process replaces the first's. With one
+process each, several engines stay alive at once and take turns on the same batches, so that they see the
+same machine: on a shared CPU its speed drifts by tens of percent within minutes (docs/benchmarks.md,
+"Measuring on a CPU"), more than the differences being measured.
+"""
+
+import dataclasses
+import gc
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+import numpy as np
+
+from vllm_std.gamma_policy import REASONS
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoQuestion:
+    """One request of a workload, before it is shaped for an engine (a vLLM prompt dict offline, a chat
+    request with an mp4 for a server): a question about a video of `[T, H, W, 3]` uint8 RGB frames, and the
+    prompt tokens the model's processor makes of them (what a server that decodes every frame reports)."""
+
+    question: str
+    frames: np.ndarray
+    prompt_tokens: int
+
+
+Batch = list[VideoQuestion]
+"""One batch of requests, generated together."""
+
+METRICS = {
+    "tpot": "vllm:request_time_per_output_token_seconds",
+    "decode": "vllm:request_decode_time_seconds",
+    "drafts": "vllm:spec_decode_num_drafts",
+    "draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+    "accepted_per_pos": "vllm:spec_decode_num_accepted_tokens_per_pos",
+    "draft_time": "vllm:std_draft_seconds",
+    "chosen_gamma": "vllm:std_gamma",
+}
+"""The figures of a sample, by key, and the vLLM (or STD) metric each is differenced from."""
+
+
+class Engine(Protocol):
+    """What the bench runs batches on: an offline engine (`EngineProcess`) or a running server
+    (`vllm_std.bench.server.ServerEngine`)."""
+
+    label: str
+
+    def sample(self, batch: Batch, output_len: int) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@contextmanager
+def engine(model: str, **kwargs: Any) -> Iterator[Any]:
+    """An offline `LLM` with its metrics on (the figures come from them) and seed 0, released after use."""
+    from vllm import LLM
+
+    llm = LLM(model, seed=0, disable_log_stats=False, **kwargs)
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+def snapshot(llm: Any) -> dict[str, Any]:
+    """vLLM's metrics summed over labels: counters as numbers, histograms (count, sum), vectors lists."""
+    out: dict[str, Any] = {}
+    for m in llm.get_metrics():
+        if hasattr(m, "buckets"):
+            count, total = out.get(m.name, (0, 0.0))
+            out[m.name] = (count + m.count, total + m.sum)
+        elif hasattr(m, "values"):
+            previous = out.get(m.name, [0] * len(m.values))
+            out[m.name] = [a + b for a, b in zip(previous, m.values, strict=True)]
+        else:
+            out[m.name] = out.get(m.name, 0) + m.value
+            if "decision" in m.labels:  # STD's decisions, also kept by reason
+                name = f"{m.name}:{m.labels['decision']}"
+                out[name] = out.get(name, 0) + m.value
+    return out
+
+
+def delta(after: dict[str, Any], before: dict[str, Any], name: str) -> Any:
+    a, b = after.get(name), before.get(name)
+    if a is None:
+        return None
+    if isinstance(a, tuple):
+        b = b or (0, 0.0)
+        return (a[0] - b[0], a[1] - b[1])
+    if isinstance(a, list):
+        b = b or [0] * len(a)
+        return [x - y for x, y in zip(a, b, strict=True)]
+    return a - (b or 0)
+
+
+def figures(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """A batch's figures (`METRICS`, STD's decisions by reason) from metric snapshots taken around it."""
+    return {
+        **{key: delta(after, before, name) for key, name in METRICS.items()},
+        "gamma_decisions": {
+            reason: delta(after, before, f"vllm:std_gamma_decisions:{reason}") for reason in REASONS
+        },
+    }
+
+
+def sample(llm: Any, model: str, batch: Batch, output_len: int) -> dict[str, Any]:
+    """One batch on one engine, greedy: its outputs, wall time, and the engine's metrics differenced around
+    it as sums (`vllm_std.bench.analysis.summarize` pools a workload's batches and derives the figures)."""
+    from vllm import SamplingParams
+
+    from vllm_std.fixtures.prompts import vllm_request
+
+    requests = [vllm_request(model, q.question, videos=[q.frames]) for q in batch]
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    before = snapshot(llm)
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    return {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+        "wall_seconds": wall,
+        **figures(snapshot(llm), before),
+    }
+
+
+class EngineProcess:
+    """One engine in its own process, started on construction; `sample` runs a batch on it."""
+
+    def __init__(self, label: str, model: str, engine_kwargs: dict[str, Any], log: str | None = None) -> None:
+        self.label = label
+        self.log = log
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child, model, engine_kwargs, log), name=f"bench {label}", daemon=True
+        )
+        self._process.start()
+        child.close()
+        # Up before the next engine starts: STD calibrates its cost model at start-up, and another engine
+        # compiling beside it would double every step it times (an 8k dense step measured at 12 ms, not 5).
+        self._receive()
+
+    def sample(self, requests: Batch, output_len: int) -> dict[str, Any]:
+        self._conn.send((requests, output_len))
+        return self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            self._process.join(timeout=30)
+            status, payload = "error", f"its process exited with code {self._process.exitcode}"
+        if status == "error":
+            logged = f"; its log: {self.log}" if self.log else ""
+            raise SystemExit(
+                f"vllm-std: engine '{self.label}' failed: {payload} (if memory ran out: "
+                f"`vllm-std bench --schedule sequential` holds one engine at a time{logged})"
+            )
+        return payload
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send(None)
+            self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+
+
+def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any], log: str | None) -> None:
+    """The engine process: builds the engine (vLLM's engine core in this same process, unless the user's
+    environment says otherwise, so that an idle engine is one idle process) and samples what it is sent.
+    With `log`, everything the process prints (vLLM's logs, warnings of native code) goes there."""
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if "kv_cache_memory_bytes" in engine_kwargs:
+        # vLLM's CPU platform lets this legacy variable replace any explicit size: one engine's share of
+        # the machine, set once for all, would have every engine of the run take it.
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    try:
+        with engine(model, **engine_kwargs) as llm:
+            conn.send(("ok", None))
+            while (message := conn.recv()) is not None:
+                conn.send(("ok", sample(llm, model, *message)))
+    except Exception as e:  # reported to the bench, which stops with it
+        traceback.print_exc()
+        conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
+
+
+@contextmanager
+def engine_processes(started: Iterator[Engine]) -> Iterator[list[Engine]]:
+    """Keeps the engines alive for the block; all are stopped after it, also on error."""
+    engines: list[Engine] = []
+    try:
+        engines.extend(started)
+        yield engines
+    finally:
+        for e in engines:
+            e.close()

@@ -1,0 +1,79 @@
+"""The bench's methods (a speculative config under a label) and workloads (visual tokens x batch)."""
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+BASELINES = ("streaming", "recent_visual", "random")
+"""STD's drafter with another selection: the paper's StreamingLLM drafter and two of our own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A speculative config under a readable label (`None`: no speculation)."""
+
+    label: str
+    kind: str  # "none", "std", "adaptive", "ngram", "suffix", one of BASELINES; "server": a `--server`
+    gamma: int = 0  # for "adaptive", the most drafted
+    top_k: int = 0
+
+    def speculative_config(self) -> dict[str, Any] | None:
+        if self.kind == "none":
+            return None
+        if self.kind == "ngram":
+            return {"method": "ngram", "num_speculative_tokens": self.gamma, "prompt_lookup_max": 4}
+        if self.kind == "suffix":
+            return {"method": "suffix", "num_speculative_tokens": self.gamma}
+        selection = self.kind if self.kind in BASELINES else "attention"
+        return {
+            "method": "std",
+            "num_speculative_tokens": self.gamma,
+            "top_k": self.top_k,
+            "selection": selection,
+            "adaptive": self.kind == "adaptive",
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    visual_tokens: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.visual_tokens // 1024}k x{self.batch}"
+            if self.visual_tokens >= 1024
+            else (f"{self.visual_tokens} x{self.batch}")
+        )
+
+
+METHODS = ["none", "std", "adaptive", "ngram", "suffix", *BASELINES]
+
+
+def suffix_decoding_installed() -> bool:
+    """Whether vLLM's suffix decoding can run: it imports Arctic Inference's suffix tree."""
+    return importlib.util.find_spec("arctic_inference") is not None
+
+
+def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Method]:
+    """Every method to run: STD (fixed gamma) at each gamma with the first K and at each K with the first
+    gamma; the baselines at the first gamma and K; adaptive STD up to the largest gamma, at the first K."""
+    gamma, k = gammas[0], top_ks[0]
+    out = [Method("none", "none")] if "none" in kinds else []
+    if "adaptive" in kinds:
+        out.append(Method(f"adaptive g<={max(gammas)} K{k}", "adaptive", max(gammas), k))
+    if "std" in kinds:
+        sweep = dict.fromkeys([(g, k) for g in gammas] + [(gamma, kk) for kk in top_ks])
+        out += [Method(f"std g{g} K{kk}", "std", g, kk) for g, kk in sweep]
+    out += [Method(f"{kind} g{gamma}", kind, gamma) for kind in ("ngram", "suffix") if kind in kinds]
+    baselines = [kind for kind in BASELINES if kind in kinds]
+    out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]
+    if "none" in kinds and len(out) > 1:
+        # Adaptive STD and no speculation in a second engine each, last and in reverse order: how far two
+        # identical engines differ on this machine (the run's noise), how far adaptive STD's timing-driven
+        # choices differ between engines, and, run one after another, (none, adaptive, ..., adaptive, none)
+        # pooled per method cancels a steady drift of the machine.
+        out += [dataclasses.replace(m, label=f"{m.label} again") for m in out if m.kind == "adaptive"]
+        out.append(Method("none again", "none"))
+    return out

@@ -195,6 +195,13 @@ ROWS = [
         "remove --async-scheduling",
         engine={"async_scheduling": True},
     ),
+    Bad(
+        "fp8-kv-cache",
+        "std",
+        "--kv-cache-dtype fp8",
+        "remove --kv-cache-dtype",
+        engine={"kv_cache_dtype": "fp8"},
+    ),
 ]
 BY_ID = {row.id: row for row in ROWS}
 

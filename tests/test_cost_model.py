@@ -117,8 +117,8 @@ def test_a_small_predicted_gain_is_not_worth_drafting() -> None:
     gamma = model.plan([row], 6)[0]
     assert 1.03 < model.speedup(1, 32_000, 1_600, [0.85], gamma) < 1.1
     assert model.plan([row], 6, min_gain=0.1) == [0]
-    assert model.fewest_paying([row], [0], 0, 6, min_gain=0.1) == 0
-    assert model.fewest_paying([row], [0], 0, 6) == gamma
+    assert model.fewest_paying([row], [0], [0], 6, min_gain=0.1) == 0
+    assert model.fewest_paying([row], [0], [0], 6) == gamma
 
 
 @settings(max_examples=100, deadline=None, database=None)

@@ -5,7 +5,7 @@ feeds it: the per-step overhead, mixed-step costs, and saved cost profiles."""
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -65,8 +65,8 @@ def test_decisions_never_predict_a_slowdown(
     """Whatever the costs, the batch and the histories: the "paying" lengths are the cost model's plan for
     the batch, which never predicts a gain of `min_gain` or less; the requests the plan leaves out probe
     together in rounds whose spacing doubles from `probe_interval` (a request that has not drafted yet, at
-    once), with the fewest drafts that would speed the batch up by more than `min_gain` if all were
-    accepted, unless not even that would."""
+    once), all with the fewest drafts that would speed the batch up by more than `min_gain` if all of them
+    were accepted, unless not even that would."""
     policy = GammaPolicy(max_gamma, probe_interval, min_gain)
     drafting = []
     for i, ((_, context, kept), rounds) in enumerate(requests):
@@ -84,22 +84,18 @@ def test_decisions_never_predict_a_slowdown(
     for _ in range(12 * probe_interval):
         decisions = policy.decide(cost, drafting, others)
         since += 1
-        due, idle = since >= wait, False
+        due = since >= wait
+        idle = any(not plan[i] and i not in new for i in range(len(drafting)))
+        expected = list(plan)
+        first = [i for i in range(len(drafting)) if not plan[i] and i in new]
+        later = [i for i in range(len(drafting)) if not plan[i] and i not in new and due]
+        for group in (first, later):  # the new requests' probes, then a due round's
+            gamma = _fewest_together(cost, rows, expected, group, max_gamma, min_gain)
+            for i in group:
+                expected[i] = gamma
         for i, decision in enumerate(decisions):
-            if plan[i]:
-                assert (decision.gamma, decision.reason) == (plan[i], "paying")
-                continue
-            before = [d.gamma for d in decisions[:i]] + plan[i:]
-            idle |= i not in new
-            if decision.reason == "not_paying":
-                assert decision.gamma == 0
-                assert not (due or i in new) or not _pays(
-                    cost, rows, before, i, range(1, max_gamma + 1), min_gain
-                )
-                continue
-            assert decision.reason == "probe" and (due or i in new)
-            assert _pays(cost, rows, before, i, [decision.gamma], min_gain)
-            assert not _pays(cost, rows, before, i, range(1, decision.gamma), min_gain)
+            reason = "paying" if plan[i] else ("probe" if expected[i] else "not_paying")
+            assert (decision.gamma, decision.reason) == (expected[i], reason)
         new.clear()
         if due:
             since = 0
@@ -107,14 +103,22 @@ def test_decisions_never_predict_a_slowdown(
                 wait = min(2 * wait, GammaPolicy.MAX_BACKOFF * probe_interval)
 
 
-def _pays(
-    cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int, lengths: Iterable[int], min_gain: float
-) -> bool:
-    """Whether request `i` drafting one of `lengths` on top of `gammas` speeds the batch up by more than
-    `min_gain` if all its drafts are accepted."""
-    hopeful = [*rows[:i], (rows[i][0], rows[i][1], [1.0]), *rows[i + 1 :]]
+def _fewest_together(
+    cost: CostModel,
+    rows: list[RoundRow],
+    gammas: list[int],
+    group: list[int],
+    max_gamma: int,
+    min_gain: float,
+) -> int:
+    """The fewest drafts that the requests `group` drafting together, on top of `gammas`, need to speed the
+    batch up by more than `min_gain` if all their drafts are accepted (0: none)."""
+    hopeful = [(n, sparse, [1.0]) if i in group else (n, sparse, a) for i, (n, sparse, a) in enumerate(rows)]
     without = cost.rate(hopeful, gammas) * (1 + min_gain)
-    return any(cost.rate(hopeful, [*gammas[:i], g, *gammas[i + 1 :]]) > without for g in lengths)
+    for gamma in range(1, max_gamma + 1) if group else ():
+        if cost.rate(hopeful, [gamma if i in group else g for i, g in enumerate(gammas)]) > without:
+            return gamma
+    return 0
 
 
 def _run(policy: GammaPolicy, cost: CostModel, accept: bool, steps: int) -> list[int]:
@@ -273,7 +277,7 @@ def test_probe_rounds_re_measure_what_rounds_cost_beyond_their_forward_passes() 
     accepted probes would chain on where drafting does not pay."""
     row = ("r", CONTEXT, SPARSE)
     costly_rounds = CPU.with_overhead(0.0, per_round=10 * CPU.dense(1, CONTEXT))
-    assert costly_rounds.fewest_paying([(CONTEXT, SPARSE, [1.0])], [0], 0, 6, 0.1) == 0
+    assert costly_rounds.fewest_paying([(CONTEXT, SPARSE, [1.0])], [0], [0], 6, 0.1) == 0
 
     def steps(probe_cost: CostModel | None) -> list[Decision]:
         policy = GammaPolicy(6, 16, 0.1)

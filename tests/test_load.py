@@ -44,8 +44,8 @@ MAX_TOKENS = 24
 STD_SPEC = json.dumps({"method": "std", "num_speculative_tokens": 4, "top_k": 256, "adaptive": False})
 MEMORY_GROWTH_LIMIT = 256 * 2**20
 """Bytes the STD server may grow from the second wave to the last: far below what keeping per-request state
-would cost (the prefill key stash alone is ~100 KiB per visual token on this fixture), far above allocator
-noise."""
+would cost (a request's keys of every layer are ~50 KiB per visual token on this fixture), far above
+allocator noise."""
 KINDS = ("long-video", "video", "image", "text")
 
 

@@ -292,3 +292,53 @@ def test_scores_where_the_captured_tensors_are(device: str, dtype: torch.dtype) 
     torch.testing.assert_close(
         got.cpu().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("logit_rows", [1, 3, 8, 10_000])
+def test_queries_scored_in_chunks_match_the_dense_reference(logit_rows: int) -> None:
+    """Chunks of queries (any size, down to one query of one head) change nothing: each query's softmax
+    runs over its whole row of keys either way."""
+    query, key = random_qk(23, 61, 4, 2, 16, seed=5)
+    positions = 20 + torch.arange(23) * 2
+    got = key_attention_mass(query, key, 0.3, positions, 5, logit_rows=logit_rows)
+    torch.testing.assert_close(got, dense_reference(query, key, 0.3, positions, 5).float())
+
+
+def test_no_queries_is_an_error_not_nan() -> None:
+    query, key = random_qk(0, 8, 4, 2, 16)
+    with pytest.raises(ValueError, match="no queries"):
+        key_attention_mass(query, key, 1.0, torch.zeros(0, dtype=torch.long), 0)
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from vllm_std.scoring import key_attention_mass
+torch.set_num_threads(1)
+num_queries, num_keys = int(sys.argv[1]), 32_768
+query = torch.randn(num_queries, 8, 64)
+key = torch.randn(num_keys, 2, 64)
+positions = num_keys - num_queries + torch.arange(num_queries)
+key_attention_mass(query[:1], key[:64], 0.1, positions[:1], 0)  # allocator and kernels warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+key_attention_mass(query, key, 0.1, positions, 0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_scoring_memory_does_not_grow_with_the_number_of_queries() -> None:
+    """The documented bound (docs/limits.md): beyond its inputs, one KV head's keys in float32 and two
+    `[LOGIT_ROWS, Tk]` float32 blocks, whatever the number of queries. Measured as the growth of the
+    process's peak memory, in a fresh process: 4096 queries of 8 heads over 32k keys would need 4 GiB of
+    logits at once; the bound is 8 MiB of keys and 64 MiB of logits."""
+    import subprocess
+    import sys
+
+    from vllm_std.scoring import LOGIT_ROWS
+
+    bound = 32_768 * 64 * 4 + 2 * LOGIT_ROWS * 32_768 * 4
+    for num_queries in (64, 4096):
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(num_queries)], capture_output=True, text=True, check=True
+        )
+        grown = int(done.stdout.split()[-1])
+        assert grown <= 1.25 * bound, (num_queries, grown, bound)

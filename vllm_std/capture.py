@@ -1,19 +1,20 @@
-"""Captures post-RoPE queries and keys during prefill and turns them into per-layer block selections.
+"""Captures the queries of the text after the video during prefill and turns them into per-layer block
+selections.
 
 The attention kernels never return probabilities, so each decoder layer's attention call is wrapped: the
 original runs first and its output is untouched; then, for requests whose prompt is being prefilled, the
-wrapper keeps this chunk's keys (and the queries of the text after the last visual token). When the chunk
-that completes a prompt has passed a layer, that layer's block scores are computed and the stash is freed.
-Chunked prefill therefore works: keys of earlier chunks come from the stash, never from the paged cache
-(whose in-block layout is backend-specific). A request whose visual KV came from the prefix cache was
-never seen by the wrapper; it is not drafted.
+wrapper keeps the queries of the text after the last visual token (a few hundred tokens at most, usually).
+When the chunk that completes a prompt has passed a layer, that layer's keys are read back from the
+request's own blocks of the paged KV cache (the attention adapter knows the backend's layout) and scored
+against those queries. Keys are never stashed: a prompt prefilled in many chunks, or whose video KV came from
+the prefix cache (a follow-up question about the same video), is scored from the same full set of keys.
 """
 
 import collections
 import dataclasses
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,6 +30,9 @@ from vllm_std.selection import (
     visual_mask,
 )
 
+KeyReader = Callable[[str, int], torch.Tensor]
+"""`(req_id, num_tokens)` -> `[num_tokens, Hkv, D]`: one layer's cached keys of a request's first tokens."""
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchRow:
@@ -42,22 +46,25 @@ class BatchRow:
 
 @dataclasses.dataclass
 class _PendingPrefill:
-    """Stash of one request whose prompt is still being prefilled."""
+    """A request whose prompt is still being prefilled: the text queries seen so far, per chunk."""
 
     visual: torch.Tensor  # [prompt_len] bool
     text_start: int  # first position after the last visual token
-    first_visual: int
-    key_start: int | None = None  # first stashed position
-    next_position: int = 0
-    keys: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
-    queries: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
-    query_positions: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    query_positions: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per chunk
+    queries: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)  # per chunk, per layer
     scores: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     scoring_seconds: float = 0.0
 
     @property
     def prompt_len(self) -> int:
         return self.visual.shape[0]
+
+    def rewind(self, position: int) -> None:
+        """Forgets the queries at `position` and after: vLLM computes them again (after a preemption)."""
+        for i, positions in enumerate(self.query_positions):
+            keep = int((positions < position).sum())
+            self.query_positions[i] = positions[:keep]
+            self.queries[i] = [q[:keep] for q in self.queries[i]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +86,7 @@ class SelectionRecord:
 
 
 class PrefillScorer:
-    """Owns the per-request prefill stashes; produces `RequestSelection`s and skip reasons."""
+    """Owns the per-request prefill state; produces `RequestSelection`s and skip reasons."""
 
     HISTORY = 256
 
@@ -103,21 +110,28 @@ class PrefillScorer:
         self.history: collections.deque[SelectionRecord] = collections.deque(maxlen=self.HISTORY)
         self._plan: list[tuple[BatchRow, _PendingPrefill]] = []
 
+    @property
+    def planned(self) -> bool:
+        """Whether the forward pass being run prefills a prompt being scored."""
+        return bool(self._plan)
+
     def known(self, req_id: str) -> bool:
         return req_id in self.pending or req_id in self.selections or req_id in self.skipped
 
     def admit(self, request: VisualRequest) -> None:
         """Registers a request the first time it is scheduled."""
         num_visual = sum(length for _, length in request.visual_spans)
+        text_start = max((o + n for o, n in request.visual_spans), default=0)
         if num_visual == 0:
             self._skip(request.req_id, "no_visual_input")
         elif num_visual < self.config.min_visual_tokens:
             self._skip(request.req_id, "too_few_visual_tokens")
+        elif text_start >= request.num_prompt_tokens:
+            # Nothing after the video asks about it: there is no attention to score by.
+            self._skip(request.req_id, "no_text_after_visual")
         else:
             self.pending[request.req_id] = _PendingPrefill(
-                visual=visual_mask(request.num_prompt_tokens, request.visual_spans),
-                text_start=max(o + n for o, n in request.visual_spans),
-                first_visual=min(o for o, _ in request.visual_spans),
+                visual=visual_mask(request.num_prompt_tokens, request.visual_spans), text_start=text_start
             )
 
     def forget(self, live_req_ids: set[str]) -> None:
@@ -127,24 +141,21 @@ class PrefillScorer:
                 del table[req_id]
 
     def plan_step(self, rows: Sequence[BatchRow]) -> None:
-        """Decides, before a forward pass runs its first layer, which rows the layer hooks capture."""
+        """Decides, before a forward pass runs its first layer, which rows the layer hooks look at: the
+        chunks of prompts still prefilling. A chunk may start anywhere (after a prefix-cache hit, or again
+        after a preemption): the keys before it are in the cache, and only the queries of text not yet seen
+        are kept."""
         self._plan = []
         for row in rows:
             state = self.pending.get(row.req_id)
             if state is None or row.chunk_start >= state.prompt_len:
                 continue
-            resumed = row.chunk_start != state.next_position and row.chunk_start > 0
-            if resumed and (row.chunk_start > state.first_visual or state.next_position > 0):
-                # Visual KV this hook never saw (a prefix-cache hit, or a gap): its keys are missing.
-                del self.pending[row.req_id]
-                self._skip(row.req_id, "visual_kv_from_prefix_cache")
-                continue
-            if row.chunk_start == 0 or state.key_start is None:
-                # First chunk, or a recompute from scratch after preemption.
-                self._reset(state, row.chunk_start)
-            state.next_position = row.chunk_start + row.num_rows
+            state.rewind(row.chunk_start)
             positions = torch.arange(row.chunk_start, row.chunk_start + row.num_rows)
             state.query_positions.append(positions[positions >= state.text_start])
+            state.queries.append([])
+            if row.chunk_start + row.num_rows >= state.prompt_len:
+                state.scores = [None] * self.num_layers
             self._plan.append((row, state))
 
     def _skip(self, req_id: str, reason: SkipReason) -> None:
@@ -153,46 +164,37 @@ class PrefillScorer:
         if self.metrics is not None:
             self.metrics.request_skipped(reason)
 
-    def _reset(self, state: _PendingPrefill, key_start: int) -> None:
-        state.key_start = key_start
-        state.keys = [[] for _ in range(self.num_layers)]
-        state.queries = [[] for _ in range(self.num_layers)]
-        state.query_positions = []
-        state.scores = [None] * self.num_layers
-
-    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Layer hook body: stash this layer's rows of the planned requests; score completed prompts."""
+    def observe(self, layer: int, query: torch.Tensor, read_keys: KeyReader) -> None:
+        """Layer hook body, after the layer's attention (its keys are in the cache): keep this layer's
+        text queries of the planned rows; score the prompts this chunk completes."""
         for row, state in self._plan:
+            num_text = state.query_positions[-1].shape[0]
             end = row.row_start + row.num_rows
-            keys = key[row.row_start : end]
-            first_text = max(0, state.text_start - row.chunk_start)
-            queries = query[row.row_start + first_text : end]
-            complete = row.chunk_start + row.num_rows >= state.prompt_len
-            if not complete:
-                state.keys[layer].append(keys.clone())
-                state.queries[layer].append(queries.clone())
+            queries = query[end - num_text : end]
+            if row.chunk_start + row.num_rows < state.prompt_len:
+                state.queries[-1].append(queries.clone())
                 continue
-            self._score_layer(state, layer, keys, queries)
+            self._score_layer(row.req_id, state, layer, queries, read_keys)
             if layer == self.num_layers - 1:
                 self._finish(row.req_id, state)
 
     def _score_layer(
-        self, state: _PendingPrefill, layer: int, keys: torch.Tensor, queries: torch.Tensor
+        self, req_id: str, state: _PendingPrefill, layer: int, queries: torch.Tensor, read_keys: KeyReader
     ) -> None:
+        """Scores one layer of a prompt completed by this chunk, whose text `queries` are this chunk's;
+        the earlier chunks' queries of the layer are freed."""
+        earlier = [chunk[layer] for chunk in state.queries[:-1]]
+        for chunk in state.queries[:-1]:
+            chunk[layer] = queries.new_empty((0, *queries.shape[1:]))
         num_blocks = -(-state.prompt_len // self.block_size)
         if self.config.selection != "attention":  # a baseline: `_finish` ranks blocks without attention
-            state.keys[layer], state.queries[layer] = [], []
             state.scores[layer] = torch.zeros(num_blocks)
             return
         start = time.perf_counter()
-        all_keys = torch.cat([*state.keys[layer], keys])
-        all_queries = torch.cat([*state.queries[layer], queries])
-        state.keys[layer] = []
-        state.queries[layer] = []
+        keys = read_keys(req_id, state.prompt_len)
         positions = torch.cat(state.query_positions)
-        assert state.key_start is not None
-        mass = key_attention_mass(all_queries, all_keys, self.scale, positions, state.key_start)
-        state.scores[layer] = block_mass(mass, state.key_start, self.block_size, num_blocks).cpu()
+        mass = key_attention_mass(torch.cat([*earlier, queries]), keys, self.scale, positions, key_start=0)
+        state.scores[layer] = block_mass(mass, 0, self.block_size, num_blocks).cpu()
         state.scoring_seconds += time.perf_counter() - start
 
     def _finish(self, req_id: str, state: _PendingPrefill) -> None:

@@ -190,16 +190,23 @@ class CostModel:
         return self._rate(tokens, seconds, np.asarray(gammas, dtype=int))
 
     def fewest_paying(
-        self, rows: Sequence[RoundRow], gammas: Sequence[int], i: int, max_gamma: int, min_gain: float = 0.0
+        self,
+        rows: Sequence[RoundRow],
+        gammas: Sequence[int],
+        probing: Sequence[int],
+        max_gamma: int,
+        min_gain: float = 0.0,
     ) -> int:
-        """The fewest drafts, up to `max_gamma`, for row `i` that give the batch a predicted rate more than
-        `1 + min_gain` times that of `gammas` (0: none do)."""
+        """The fewest drafts, up to `max_gamma`, that the rows `probing` all draft together for the batch's
+        predicted rate to be more than `1 + min_gain` times that of `gammas` (0: none do). Together, since
+        they share the round's verify step and every draft step's fixed part: in a batch of four, one
+        request drafting alone pays for a whole round to speed up a quarter of the batch."""
         tokens, seconds = self._round_terms(rows, max(max_gamma, *gammas))
-        others = np.asarray(gammas, dtype=int)
-        without = self._rate(tokens, seconds, others)
+        lengths = np.asarray(gammas, dtype=int)
+        without = self._rate(tokens, seconds, lengths)
         for gamma in range(1, max_gamma + 1):
-            others[i] = gamma
-            if self._rate(tokens, seconds, others) > without * (1 + min_gain):
+            lengths[list(probing)] = gamma
+            if self._rate(tokens, seconds, lengths) > without * (1 + min_gain):
                 return gamma
         return 0
 

@@ -9,11 +9,13 @@ Requests that stopped drafting probe together, in one round every `probe_interva
 notice when drafting would pay again; they share the round's verify step. Each probe round doubles the
 wait before the next (up to `MAX_BACKOFF` times `probe_interval`), so rejected probes cost ever less; a
 probe that is fully accepted resets it, and its request probes again at the next step with twice as many
-drafts. A request that has not drafted yet probes at its first step. A probe drafts the fewest tokens that
-would pay (speed the batch up by more than the margin) if all were accepted; where not even that pays,
-acceptance is not what stops drafting, and nothing is probed. Except in a due probe round, which sizes its
-probes as if a round cost no more than its forward passes: what a round costs beyond them is measured
-from rounds, so it is re-measured by these probes, rather than believed for ever once rounds stop.
+drafts. A request that has not drafted yet probes at its first step. The requests probing in a step probe
+together, the fewest tokens that would pay (speed the batch up by more than the margin) if all were
+accepted (alone, one request of a batch would pay for a whole round to speed up only itself); where not
+even that pays, acceptance is not what stops drafting, and nothing is probed. Except in a due probe
+round, which sizes its probes as if a round cost no more than its forward passes: what a round costs
+beyond them is measured from rounds, so it is re-measured by these probes, rather than believed for ever
+once rounds stop.
 """
 
 import dataclasses
@@ -150,25 +152,38 @@ class GammaPolicy:
         rows += [(n, n, None) for n in others]
         gammas = cost.plan(rows, self.max_gamma, self.min_gain)
         self._idle_batch, self._idle_age = (None if any(gammas) else batch), 1
-        decisions, idle = [], False
+        paying = [g > 0 for g in gammas]
+        first_or_again: list[int] = []  # probe if that pays by the measured costs
+        due_only: list[int] = []  # a due probe round's, sized without a round's measured overheads
+        grow: dict[int, int] = {}
+        idle = False
         for i, (req_id, *_) in enumerate(drafting):
             again = self._again.pop(req_id, 0)
-            if gammas[i] > 0:
-                decisions.append(Decision(gammas[i], "paying"))
+            if paying[i]:
                 continue
             # A request that has never drafted probes at once: its own acceptance is unknown until it drafts,
             # and the engine-wide estimate may come from other videos (or be the bare prior).
             new = req_id not in self._seen
             idle |= not new
-            # A due probe round re-measures a round's costs too; a request's first probe and the longer
-            # ones after accepted probes must pay by the measured costs (else accepted probes would chain on
-            # where drafting does not pay).
-            sizing = (probe_cost or cost) if due and not (new or again) else cost
-            probe = self._probe_gamma(sizing, rows, gammas, i, 2 * again) if new or again or due else 0
-            if probe:
-                gammas[i] = probe
+            if new or again:
+                first_or_again.append(i)
+                grow[i] = 2 * again
+            elif due:
+                due_only.append(i)
+        # A due probe round re-measures a round's costs too; a request's first probe and the longer ones
+        # after accepted probes must pay by the measured costs (else accepted probes would chain on where
+        # drafting does not pay).
+        self._probe(cost, rows, gammas, first_or_again, grow)
+        self._probe(probe_cost or cost, rows, gammas, due_only, {})
+        decisions = []
+        for i, (req_id, *_) in enumerate(drafting):
+            if paying[i]:
+                decisions.append(Decision(gammas[i], "paying"))
+            elif gammas[i]:
+                decisions.append(Decision(gammas[i], "probe"))
                 self._probing.add(req_id)
-            decisions.append(Decision(probe, "probe") if probe else NOT_PAYING)
+            else:
+                decisions.append(NOT_PAYING)
         self._seen.update(batch[0])
         if due:
             self._since_probe = 0
@@ -194,18 +209,33 @@ class GammaPolicy:
         self._since_probe += 1
         self._idle_age += 1
 
-    def _probe_gamma(
-        self, cost: CostModel, rows: list[RoundRow], gammas: list[int], i: int, grow: int
-    ) -> int:
-        """The fewest drafts for row `i` that would speed the batch up by more than `min_gain` if every one
-        were accepted (0: none would); or, after a fully accepted probe, `grow` (twice its length, up to
+    def _probe(
+        self,
+        cost: CostModel,
+        rows: list[RoundRow],
+        gammas: list[int],
+        probing: list[int],
+        grow: dict[int, int],
+    ) -> None:
+        """Sets the probes of the rows `probing` in `gammas`: the fewest drafts that, all drafted together,
+        would speed the batch up by more than `min_gain` if every one were accepted (none where none
+        would); and for a row after a fully accepted probe, `grow[i]` (twice its length, up to
         `max_gamma`) where that would too, so that a request whose drafts are accepted again reaches long
         rounds in a few steps rather than one position of evidence at a time."""
-        context, sparse, _ = rows[i]
-        hopeful = [*rows[:i], (context, sparse, [1.0]), *rows[i + 1 :]]
-        fewest = cost.fewest_paying(hopeful, gammas, i, self.max_gamma, self.min_gain)
-        grow = min(grow, self.max_gamma)
-        if not fewest or grow <= fewest:
-            return fewest
+        if not probing:
+            return
+        hopeful = list(rows)
+        for i in probing:
+            hopeful[i] = (rows[i][0], rows[i][1], [1.0])
+        fewest = cost.fewest_paying(hopeful, gammas, probing, self.max_gamma, self.min_gain)
+        if not fewest:
+            return
         plain = cost.rate(hopeful, gammas) * (1 + self.min_gain)
-        return grow if cost.rate(hopeful, [*gammas[:i], grow, *gammas[i + 1 :]]) > plain else fewest
+        for i in probing:
+            gammas[i] = fewest
+        for i in probing:
+            longer = min(grow.get(i, 0), self.max_gamma)
+            if longer > fewest:
+                tried = [*gammas[:i], longer, *gammas[i + 1 :]]
+                if cost.rate(hopeful, tried) > plain:
+                    gammas[i] = longer

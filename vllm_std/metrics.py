@@ -27,9 +27,7 @@ PREFIX = "vllm:spec_decode_"
 METRICS_DIR_ENV = "VLLM_STD_METRICS_DIR"
 _VLLM_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-SkipReason = Literal[
-    "no_visual_input", "too_few_visual_tokens", "visual_kv_from_prefix_cache", "incomplete_capture"
-]
+SkipReason = Literal["no_visual_input", "too_few_visual_tokens", "no_text_after_visual", "incomplete_capture"]
 """Why a request decodes without drafts (the `reason` label of `vllm:std_requests_skipped_total`)."""
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 _LABELLED = {"requests_skipped": "reason", "gamma_decisions": "decision"}

@@ -274,6 +274,8 @@ def refused_flags(engine_args: Any) -> list[str]:
             ("--kv-offloading-size", engine_args.kv_offloading_size is not None),
             ("--pipeline-parallel-size > 1", engine_args.pipeline_parallel_size > 1),
             ("--async-scheduling", engine_args.async_scheduling is True),
+            # Prefill scoring reads keys back from the cache in its float dtype.
+            ("--kv-cache-dtype fp8", str(engine_args.kv_cache_dtype).startswith("fp8")),
         )
         if present
     ]

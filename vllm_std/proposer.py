@@ -14,6 +14,7 @@ reads the cache through compacted block tables, never changing a block.
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -152,13 +153,26 @@ class STDProposer:
         original = impl.forward
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
-            if attn_metadata is not None and not self._drafting:
-                if index == 0:
-                    self._plan_step()
-                self.scorer.observe(index, query, key)
-            return original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            scoring = attn_metadata is not None and not self._drafting
+            if scoring and index == 0:
+                self._plan_step()
+            out = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            if scoring and self.scorer.planned:
+                self.scorer.observe(index, query, self._key_reader(layer, kv_cache))
+            return out
 
         impl.forward = forward
+
+    def _key_reader(self, layer: Any, kv_cache: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
+        """Reads a request's keys of this layer back from the paged cache (for `PrefillScorer`)."""
+        assert self.view is not None and self.adapter is not None
+        view, adapter = self.view, self.adapter
+
+        def read(req_id: str, num_tokens: int) -> torch.Tensor:
+            block_ids = torch.tensor(view.block_ids(req_id), dtype=torch.long, device=kv_cache.device)
+            return adapter.read_keys(layer, kv_cache, block_ids, num_tokens)
+
+        return read
 
     def _plan_step(self) -> None:
         """Before a target forward pass: admit new requests to scoring, plan what the layer hooks capture,

@@ -86,7 +86,9 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
         "too_few_visual_tokens": 0,
         "no_text_after_visual": 0,
         "incomplete_capture": 0,
+        "drafter_fault": 0,
     }
+    assert std["drafter_faults"] == {"planning": 0, "scoring": 0, "drafting": 0}
     assert (
         std["kept_visual_tokens"]
         <= std["visual_tokens"]

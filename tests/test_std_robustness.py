@@ -7,7 +7,7 @@ from vllm import LLM, SamplingParams
 from vllm_std.fixtures.models import tiny_model
 from vllm_std.fixtures.prompts import vllm_request
 from vllm_std.fixtures.video import synthetic_frames
-from vllm_std.metrics import spec_decode_counters
+from vllm_std.metrics import spec_decode_counters, std_metrics
 
 # 20 KV blocks of 128 tokens for four ~1k-token video prompts that each grow past 9 blocks: vLLM must
 # preempt and recompute. Prefix caching off, so a recompute really re-runs (and re-scores) the prefill.
@@ -76,3 +76,63 @@ def test_preemption_is_lossless(baseline: dict) -> None:
     assert aborted["keep"] == baseline["abort"]["keep"]
     # Nothing is tracked for the finished, aborted or preempted requests once vLLM dropped them.
     assert len(report["live"]) <= 1
+
+
+def _inject(stage: str):
+    """A worker function (for `collective_rpc`) that makes the drafter's next `stage` fail once: scoring a
+    layer, selecting the blocks, or the third draft step of a round."""
+
+    def install(worker) -> None:
+        import vllm_std.capture as capture
+
+        drafter = worker.model_runner.drafter
+        target, name = {
+            "scoring": (drafter.scorer, "_score_layer"),
+            "selection": (capture, "select_blocks"),
+            "drafting": (drafter, "_draft_step"),
+        }[stage]
+        original = getattr(target, name)
+
+        def failing(*args, **kwargs):
+            if stage == "drafting" and args[2] != 2:
+                return original(*args, **kwargs)
+            setattr(target, name, original)
+            raise RuntimeError(f"injected {stage} fault")
+
+        setattr(target, name, failing)
+
+    return install
+
+
+FAULT_SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": 256, "adaptive": False}
+
+
+def test_drafter_faults_cost_drafts_never_outputs(capfd: pytest.CaptureFixture[str]) -> None:
+    """An exception while scoring a prompt, selecting its blocks, or in the middle of a drafting round is
+    caught where it happens: the requests it touched decode without drafts, one warning line names them,
+    `vllm:std_drafter_faults_total` counts it, every output equals the engine's without speculation, and
+    the engine goes on drafting for the requests after."""
+    path = str(tiny_model("qwen2_vl"))
+    stages = ("scoring", "selection", "drafting")
+    batches = {stage: _videos(path, 2 + i)[i:] for i, stage in enumerate(stages)}  # other videos each
+    after = [vllm_request(path, "What happens?", videos=[synthetic_frames(32, 224, 224, seed=30)])]
+    with engine("qwen2_vl", max_num_batched_tokens=512) as llm:
+        expected = {stage: token_ids(llm.generate(batch, LONG)) for stage, batch in batches.items()}
+        expected["after"] = token_ids(llm.generate(after, LONG))
+    got = {}
+    with engine("qwen2_vl", speculative_config=FAULT_SPEC, max_num_batched_tokens=512) as llm:
+        for stage, batch in batches.items():
+            llm.collective_rpc(_inject(stage))
+            got[stage] = token_ids(llm.generate(batch, LONG))
+        before = spec_decode_counters(llm)["num_drafts"]
+        got["after"] = token_ids(llm.generate(after, LONG))
+        drafted_after = spec_decode_counters(llm)["num_drafts"] - before
+        std = std_metrics(llm)
+    assert got == expected
+    assert std["drafter_faults"] == {"planning": 0, "scoring": 2, "drafting": 1}
+    assert std["requests_skipped"]["drafter_fault"] >= 3
+    assert drafted_after > 0
+    log = "".join(capfd.readouterr())
+    for stage in ("scoring", "drafting"):
+        assert f"STD {stage} failed (RuntimeError: injected" in log
+    assert "decode without drafts, the engine goes on" in log

@@ -134,6 +134,24 @@ class PrefillScorer:
                 visual=visual_mask(request.num_prompt_tokens, request.visual_spans), text_start=text_start
             )
 
+    def abandon(self) -> list[str]:
+        """After a fault while planning or scoring: every prompt being scored is given up (it decodes
+        without drafts, counted as `drafter_fault`); returns their ids."""
+        abandoned = list(self.pending)
+        for req_id in abandoned:
+            del self.pending[req_id]
+            self._skip(req_id, "drafter_fault")
+        self._plan = []
+        return abandoned
+
+    def abandon_selections(self, req_ids: Sequence[str]) -> list[str]:
+        """After a fault while drafting: the requests `req_ids` that had a selection draft no more."""
+        abandoned = [r for r in req_ids if r in self.selections]
+        for req_id in abandoned:
+            del self.selections[req_id]
+            self._skip(req_id, "drafter_fault")
+        return abandoned
+
     def forget(self, live_req_ids: set[str]) -> None:
         """Drops every per-request entry whose request vLLM no longer holds (finished or aborted)."""
         for table in (self.pending, self.selections, self.skipped):

@@ -27,10 +27,14 @@ PREFIX = "vllm:spec_decode_"
 METRICS_DIR_ENV = "VLLM_STD_METRICS_DIR"
 _VLLM_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-SkipReason = Literal["no_visual_input", "too_few_visual_tokens", "no_text_after_visual", "incomplete_capture"]
+SkipReason = Literal[
+    "no_visual_input", "too_few_visual_tokens", "no_text_after_visual", "incomplete_capture", "drafter_fault"
+]
 """Why a request decodes without drafts (the `reason` label of `vllm:std_requests_skipped_total`)."""
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
-_LABELLED = {"requests_skipped": "reason", "gamma_decisions": "decision"}
+FAULT_STAGES = ("planning", "scoring", "drafting")
+"""Where the drafter caught an exception (the `stage` label of `vllm:std_drafter_faults_total`)."""
+_LABELLED = {"requests_skipped": "reason", "gamma_decisions": "decision", "drafter_faults": "stage"}
 
 
 def spec_decode_counters(llm: Any) -> dict[str, Any]:
@@ -162,6 +166,14 @@ class STDMetrics:
             registry=None,
         )
         self.skipped = {reason: skipped.labels(**labels, reason=reason) for reason in SKIP_REASONS}
+        faults = Counter(
+            "vllm:std_drafter_faults",
+            "Exceptions the drafter caught (its requests then decode without drafts), by stage: planning, "
+            "scoring, drafting.",
+            [*names, "stage"],
+            registry=None,
+        )
+        self.faults = {stage: faults.labels(**labels, stage=stage) for stage in FAULT_STAGES}
         self.visual_tokens = counter("vllm:std_visual_tokens", "Visual tokens in scored requests.")
         self.kept_visual_tokens = counter(
             "vllm:std_kept_visual_tokens",
@@ -219,6 +231,9 @@ class STDMetrics:
 
     def request_skipped(self, reason: SkipReason) -> None:
         self.skipped[reason].inc()
+
+    def drafter_fault(self, stage: str) -> None:
+        self.faults[stage].inc()
 
     def gammas_chosen(self, decisions: Sequence[Decision]) -> None:
         """One step's decisions, each series written once per distinct decision (a write costs a few

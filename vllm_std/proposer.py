@@ -155,10 +155,16 @@ class STDProposer:
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
             scoring = attn_metadata is not None and not self._drafting
             if scoring and index == 0:
-                self._plan_step()
+                try:
+                    self._plan_step()
+                except Exception as exc:
+                    self._scoring_fault("planning", exc)
             out = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
             if scoring and self.scorer.planned:
-                self.scorer.observe(index, query, self._key_reader(layer, kv_cache))
+                try:
+                    self.scorer.observe(index, query, self._key_reader(layer, kv_cache))
+                except Exception as exc:
+                    self._scoring_fault("scoring", exc)
             return out
 
         impl.forward = forward
@@ -227,6 +233,27 @@ class STDProposer:
             drafts = sum(d for _, d in self._step_rows)
             self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows), drafts)
 
+    def _scoring_fault(self, stage: str, exc: Exception) -> None:
+        """A fault while planning or scoring a step: the prompts being scored decode without drafts."""
+        assert self.scorer is not None
+        self._step_rows, self._verifying = None, {}
+        self._fault(stage, exc, self.scorer.abandon())
+
+    def _fault(self, stage: str, exc: Exception, req_ids: list[str]) -> None:
+        """Drafts are optional: a fault of the drafter costs the requests it touched their drafts (the
+        target's forward pass and outputs are untouched), never the engine. One line names them."""
+        if self.view is None or self.view.tp_rank == 0:
+            logger.warning(
+                "STD %s failed (%s: %s); %s decode without drafts, the engine goes on",
+                stage,
+                type(exc).__name__,
+                exc,
+                f"requests {', '.join(req_ids)}" if req_ids else "no request",
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+        if self.metrics is not None:
+            self.metrics.drafter_fault(stage)
+
     def propose(
         self,
         sampled_token_ids: list[list[int]],
@@ -234,7 +261,24 @@ class STDProposer:
         token_ids_cpu: Any,
         slot_mappings: Any = None,
     ) -> list[list[int]]:
-        """Draft token ids per request, in the runner's batch order (`[]` where nothing is drafted)."""
+        """Draft token ids per request, in the runner's batch order (`[]` where nothing is drafted). A fault
+        while drafting gives the step no drafts and its drafting requests none from then on."""
+        try:
+            return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        except Exception as exc:
+            self._drafted, self._drafting = False, False
+            self._round_end = time.perf_counter()
+            try:
+                batch = self.view.batch_req_ids() if self.view is not None else []
+            except Exception:
+                batch = []
+            abandoned = self.scorer.abandon_selections(batch) if self.scorer is not None else []
+            self._fault("drafting", exc, abandoned)
+            return [[] for _ in sampled_token_ids]
+
+    def _propose(
+        self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any, token_ids_cpu: Any
+    ) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         if self.view is None or self.scorer is None:
             return drafts

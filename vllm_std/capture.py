@@ -152,6 +152,12 @@ class PrefillScorer:
             self._skip(req_id, "drafter_fault")
         return abandoned
 
+    def release(self, req_ids: set[str]) -> None:
+        """Drops every per-request entry of `req_ids` (vLLM dropped those requests)."""
+        for table in (self.pending, self.selections, self.skipped):
+            for req_id in req_ids & table.keys():
+                del table[req_id]
+
     def forget(self, live_req_ids: set[str]) -> None:
         """Drops every per-request entry whose request vLLM no longer holds (finished or aborted)."""
         for table in (self.pending, self.selections, self.skipped):

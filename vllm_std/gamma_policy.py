@@ -116,6 +116,14 @@ class GammaPolicy:
                 self._again[req_id] = drafted
                 self._wait = self.probe_interval
 
+    def release(self, req_ids: set[str]) -> None:
+        """Drops what is kept about the requests `req_ids` (vLLM dropped them)."""
+        for req_id in req_ids:
+            self.requests.pop(req_id, None)
+            self._again.pop(req_id, None)
+        self._seen -= req_ids
+        self._probing -= req_ids
+
     def forget(self, live_req_ids: set[str]) -> None:
         for req_id in [r for r in self.requests if r not in live_req_ids]:
             del self.requests[req_id]

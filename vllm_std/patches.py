@@ -23,13 +23,16 @@ The inventory, in the order it is applied:
    it. Every speculative method on CPU is hit; the replacement returns an empty batch unchanged.
 5. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
    the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
-6. `GPUModelRunnerPrepareInputsWithoutDraftsPatch` (workers only, applied by `STDProposer.__init__`): a
+6. `GPUModelRunnerUpdateStatesPatch` (workers only, applied by `STDProposer.__init__`): when vLLM drops a
+   finished or aborted request from the runner, the proposer drops its state of it too, also in the step
+   with no tokens that an engine takes after its last request (there is no forward pass to notice it in).
+7. `GPUModelRunnerPrepareInputsWithoutDraftsPatch` (workers only, applied by `STDProposer.__init__`): a
    step in which no request verifies drafts is prepared and sampled as in an engine without speculation:
    no speculative metadata and vLLM's plain sampler, instead of metadata for zero drafts and the rejection
    sampler over them. Adaptive STD stops drafting where drafts cannot pay, and those steps should cost as
    little as STD can make them (on CPU the empty rejection pass was ~0.4 ms of a 3 ms step, the metadata
    ~0.2 ms more; the scheduler's speculative bookkeeping remains). Same tokens.
-7. `GPUModelRunnerTakeDraftTokenIdsPatch` (workers only, applied by `STDProposer.__init__`): after a step
+8. `GPUModelRunnerTakeDraftTokenIdsPatch` (workers only, applied by `STDProposer.__init__`): after a step
    in which no request drafted, the engine core receives no drafts rather than an empty list per request,
    which the scheduler would walk to set every request's (already empty) drafts again. Same schedule.
 
@@ -350,6 +353,28 @@ class GPUModelRunnerKVCachePatch(VLLMPatch):
         return initialize_kv_cache
 
 
+class GPUModelRunnerUpdateStatesPatch(VLLMPatch):
+    """vLLM drops a finished or aborted request from the runner at the next scheduler output, also one that
+    schedules no tokens (the step an engine takes after its last request, and then idles): the drafter drops
+    its own state of the request at the same time, rather than at the next forward pass."""
+
+    target_module = "vllm.v1.worker.gpu_model_runner"
+    target_class = "GPUModelRunner"
+    target_method = "_update_states"
+    expected_params = ("self", "scheduler_output")
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def _update_states(self, scheduler_output):
+            result = original(self, scheduler_output)
+            release = getattr(getattr(self, "drafter", None), "release", None)
+            if release is not None and scheduler_output.finished_req_ids:
+                release(set(scheduler_output.finished_req_ids))
+            return result
+
+        return _update_states
+
+
 class GPUModelRunnerPrepareInputsWithoutDraftsPatch(VLLMPatch):
     """vLLM builds speculative metadata whenever the engine has a speculative config, also for a step whose
     scheduler output holds no drafts (the scheduler lists only requests with at least one). For that step
@@ -461,6 +486,7 @@ PLUGIN_PATCHES: tuple[type[VLLMPatch], ...] = (
 )
 WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (
     GPUModelRunnerKVCachePatch,
+    GPUModelRunnerUpdateStatesPatch,
     GPUModelRunnerPrepareInputsWithoutDraftsPatch,
     GPUModelRunnerTakeDraftTokenIdsPatch,
 )

@@ -233,6 +233,14 @@ class STDProposer:
             drafts = sum(d for _, d in self._step_rows)
             self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows), drafts)
 
+    def release(self, req_ids: set[str]) -> None:
+        """vLLM dropped these requests (finished or aborted): so does every per-request table here."""
+        if self.scorer is not None:
+            self.scorer.release(req_ids)
+        if self.policy is not None:
+            self.policy.release(req_ids)
+        self._live -= req_ids
+
     def _scoring_fault(self, stage: str, exc: Exception) -> None:
         """A fault while planning or scoring a step: the prompts being scored decode without drafts."""
         assert self.scorer is not None

@@ -76,7 +76,7 @@ def test_symbols_std_reads_exist() -> None:
 
     assert {"num_tokens", "slot_mapping"} <= set(inspect.signature(set_forward_context).parameters)
     assert {"modality", "mm_position"} <= _fields(MultiModalFeatureSpec)
-    assert {"offset", "length"} <= _fields(PlaceholderRange)
+    assert {"offset", "length", "is_embed"} <= _fields(PlaceholderRange)
     assert {
         "query_start_loc",
         "query_start_loc_cpu",

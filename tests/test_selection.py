@@ -53,6 +53,22 @@ def test_visual_mask_marks_every_span() -> None:
     assert mask.tolist() == want
 
 
+def test_visual_mask_leaves_text_inside_a_span_visible() -> None:
+    """vLLM's `is_embed`: a span's non-embedding positions (timestamps between frames, vision start and end
+    tokens) are text; the drafter never drops them. A span without one is all embeddings."""
+    embed = torch.tensor([False, True, True, False, True, True, False])
+    mask = visual_mask(12, [(2, 7), (10, 5)], [embed, None])
+    want = [False, False, False, True, True, False, True, True, False, False, True, True]
+    assert mask.tolist() == want
+    # Overlapping spans: a position is visual where any span embeds there.
+    assert visual_mask(4, [(0, 3), (1, 2)], [torch.tensor([True, False, False]), None]).tolist() == [
+        True,
+        True,
+        True,
+        False,
+    ]
+
+
 def test_visual_mask_without_spans_is_all_false() -> None:
     """A text-only prompt has no visual positions."""
     assert not visual_mask(5, []).any()

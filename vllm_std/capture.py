@@ -74,6 +74,10 @@ class VisualRequest:
     req_id: str
     num_prompt_tokens: int
     visual_spans: tuple[tuple[int, int], ...]
+    embeds: tuple[torch.Tensor | None, ...] = ()  # per span, which of its positions are embeddings
+
+    def visual(self) -> torch.Tensor:
+        return visual_mask(self.num_prompt_tokens, self.visual_spans, self.embeds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +124,8 @@ class PrefillScorer:
 
     def admit(self, request: VisualRequest) -> None:
         """Registers a request the first time it is scheduled."""
-        num_visual = sum(length for _, length in request.visual_spans)
+        visual = request.visual()
+        num_visual = int(visual.sum())
         text_start = max((o + n for o, n in request.visual_spans), default=0)
         if num_visual == 0:
             self._skip(request.req_id, "no_visual_input")
@@ -130,9 +135,7 @@ class PrefillScorer:
             # Nothing after the video asks about it: there is no attention to score by.
             self._skip(request.req_id, "no_text_after_visual")
         else:
-            self.pending[request.req_id] = _PendingPrefill(
-                visual=visual_mask(request.num_prompt_tokens, request.visual_spans), text_start=text_start
-            )
+            self.pending[request.req_id] = _PendingPrefill(visual=visual, text_start=text_start)
 
     def abandon(self) -> list[str]:
         """After a fault while planning or scoring: every prompt being scored is given up (it decodes

@@ -61,12 +61,10 @@ class RunnerView:
 
     def visual_request(self, req_id: str) -> VisualRequest:
         state = self.runner.requests[req_id]
-        spans = tuple(
-            (f.mm_position.offset, f.mm_position.length)
-            for f in state.mm_features
-            if f.modality in self.config.modalities
-        )
-        return VisualRequest(req_id, state.num_prompt_tokens, spans)
+        features = [f for f in state.mm_features if f.modality in self.config.modalities]
+        spans = tuple((f.mm_position.offset, f.mm_position.length) for f in features)
+        embeds = tuple(f.mm_position.is_embed for f in features)
+        return VisualRequest(req_id, state.num_prompt_tokens, spans, embeds)
 
     def batch_req_ids(self) -> list[str]:
         return list(self.runner.input_batch.req_ids)

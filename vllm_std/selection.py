@@ -11,11 +11,20 @@ from collections.abc import Sequence
 import torch
 
 
-def visual_mask(num_tokens: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """`[num_tokens]` bool: True at positions inside any `(offset, length)` span."""
+def visual_mask(
+    num_tokens: int,
+    spans: Sequence[tuple[int, int]],
+    embeds: Sequence[torch.Tensor | None] = (),
+) -> torch.Tensor:
+    """`[num_tokens]` bool: True at positions inside any `(offset, length)` span that hold the item's
+    embeddings. `embeds[i]`, where given and not None, is span i's `[length]` bool mask of them (vLLM's
+    `PlaceholderRange.is_embed`): text inside a span (Qwen3-VL's per-frame timestamps, vision start and end
+    tokens) is not visual, so the drafter never drops it."""
     mask = torch.zeros(num_tokens, dtype=torch.bool)
-    for offset, length in spans:
-        mask[offset : offset + length] = True
+    for i, (offset, length) in enumerate(spans):
+        embed = embeds[i] if i < len(embeds) else None
+        span = mask[offset : offset + length]  # a view, clipped at the end
+        span |= True if embed is None else embed[: span.shape[0]].to(torch.bool)
     return mask
 
 

@@ -175,6 +175,13 @@ ROWS = [
         engine={"pipeline_parallel_size": 2},
     ),
     Bad(
+        "data-parallel",
+        "std",
+        "--data-parallel-size > 1",
+        "remove --data-parallel-size",
+        engine={"data_parallel_size": 2},
+    ),
+    Bad(
         "kv-connector",
         "std",
         "--kv-transfer-config",

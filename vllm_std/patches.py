@@ -276,6 +276,10 @@ def refused_flags(engine_args: Any) -> list[str]:
             ("--kv-transfer-config", engine_args.kv_transfer_config is not None),
             ("--kv-offloading-size", engine_args.kv_offloading_size is not None),
             ("--pipeline-parallel-size > 1", engine_args.pipeline_parallel_size > 1),
+            # With expert parallelism the data-parallel ranks hold collectives in every forward pass, which
+            # the draft forwards of one rank would leave the others waiting in; plain data parallelism is
+            # untested (one server per replica behind a load balancer serves the same).
+            ("--data-parallel-size > 1", (engine_args.data_parallel_size or 1) > 1),
             ("--async-scheduling", engine_args.async_scheduling is True),
             # Prefill scoring reads keys back from the cache in its float dtype.
             ("--kv-cache-dtype fp8", str(engine_args.kv_cache_dtype).startswith("fp8")),

@@ -16,7 +16,13 @@ from vllm_std.bench.analysis import fit_cost_model, pooled_speedups, step_costs,
 from vllm_std.bench.engines import Batch, Engine, EngineProcess, engine_processes
 from vllm_std.bench.methods import BASELINES, METHODS, Method, Workload, methods, suffix_decoding_installed
 from vllm_std.bench.server import ServerEngine, parse_server, served_model
-from vllm_std.bench.workloads import LookupQuestions, VideoQuestions, file_frames, workload_source
+from vllm_std.bench.workloads import (
+    MAX_TURNS,
+    LookupQuestions,
+    VideoQuestions,
+    file_frames,
+    workload_source,
+)
 
 _TIMING_ENV = (
     "VLLM_CPU_KVCACHE_SPACE",
@@ -45,6 +51,7 @@ def environment() -> dict[str, Any]:
     }
 
 
+FOLLOW_UP_TOKENS = 64  # at most, per later turn: its question in the chat template
 WARM_UP_SEED = 10**6  # plus a round's seed: other videos than any measured batch's
 
 
@@ -55,9 +62,11 @@ def sample_methods(
     requests: Callable[[Workload, int], Batch],
     output_len: int,
     interleaved: bool,
+    turns: int = 1,
 ) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Every method's samples of every round (a workload's batch, by seed), by (method, workload) label;
-    before a workload's first round, each engine runs a batch of its shape that is not measured.
+    """Every method's samples of every round (a workload's batch, by seed), by (method, workload) label,
+    each turn of the batch's conversations under its own workload (`Workload.turns`); before a workload's
+    first round, each engine runs a batch of its shape that is not measured.
 
     Interleaved, all engines are alive at once and every round's batch runs on each in turn, the order
     reversed every other round (A B C, C B A, ...), so that a drift of the machine's speed falls on every
@@ -71,16 +80,18 @@ def sample_methods(
         with engine_processes(start(m) for m in starting) as engines:
             warm: set[Workload] = set()
             for i, (workload, seed) in enumerate(rounds):
-                turns = engines if i % 2 == 0 else engines[::-1]
+                order = engines if i % 2 == 0 else engines[::-1]
                 if workload not in warm:  # first shapes of a batch size and context: not measured
                     warm.add(workload)
                     warm_up = requests(workload, WARM_UP_SEED + seed)
-                    for e in turns:
-                        e.sample(warm_up, 8)
+                    for e in order:
+                        e.sample(warm_up, 8, turns)
                 batch = requests(workload, seed)
-                for e in turns:
+                for e in order:
                     progress.set_postfix_str(f"{workload.label}: {e.label}")
-                    samples.setdefault((e.label, workload.label), []).append(e.sample(batch, output_len))
+                    by_turn = zip(workload.turns(turns), e.sample(batch, output_len, turns), strict=True)
+                    for turn, sample in by_turn:
+                        samples.setdefault((e.label, turn.label), []).append(sample)
                     progress.update()
     progress.close()
     return samples
@@ -106,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
     plan = _plan(args)
     model, videos = _workload_source(args)
-    workloads = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
+    base = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
+    workloads = [turn for w in base for turn in w.turns(args.turns)]
     if args.server:
         urls = dict(args.server)
         start: Callable[[Method], Engine] = lambda m: ServerEngine(m.label, urls[m.label])  # noqa: E731
@@ -114,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
         start = offline_engines(
             model,
             videos.text_tokens,
-            workloads,
-            args.output_len,
+            base,
+            # A later turn's prompt holds the earlier turns: their answers, and a follow-up in the template.
+            args.output_len * args.turns + FOLLOW_UP_TOKENS * (args.turns - 1),
             args.dtype,
             args.max_num_batched_tokens,
             args.kv_cache_gib,
@@ -123,12 +136,11 @@ def run(args: argparse.Namespace) -> int:
         )
     rounds = [
         (workload, 1000 * (i * args.repeats + r))
-        for i, workload in enumerate(workloads)
+        for i, workload in enumerate(base)
         for r in range(args.repeats)
     ]
-    samples = sample_methods(
-        plan, rounds, start, videos.requests, args.output_len, interleaved=args.schedule == "interleaved"
-    )
+    interleaved = args.schedule == "interleaved"
+    samples = sample_methods(plan, rounds, start, videos.requests, args.output_len, interleaved, args.turns)
     records: list[dict[str, Any]] = []
     reference: dict[str, list[list[int]]] = {}
     for method in plan:
@@ -277,6 +289,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "random (default: all, suffix where installed)",
     )
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--turns",
+        type=int,
+        choices=range(1, MAX_TURNS + 1),
+        default=1,
+        metavar=f"1..{MAX_TURNS}",
+        help="turns of a conversation about each video: every later turn is a follow-up question whose "
+        "video KV comes from the prefix cache; each turn is its own workload in the results",
+    )
     parser.add_argument(
         "--repeats",
         type=int,

@@ -32,6 +32,7 @@ class VideoQuestion:
     question: str
     frames: np.ndarray
     prompt_tokens: int
+    follow_ups: tuple[str, ...] = ()  # the questions of the conversation's later turns
 
 
 Batch = list[VideoQuestion]
@@ -56,7 +57,7 @@ class Engine(Protocol):
 
     label: str
 
-    def sample(self, batch: Batch, output_len: int) -> dict[str, Any]: ...
+    def sample(self, batch: Batch, output_len: int, turns: int = 1) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...
 
@@ -115,25 +116,38 @@ def figures(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def sample(llm: Any, model: str, batch: Batch, output_len: int) -> dict[str, Any]:
-    """One batch on one engine, greedy: its outputs, wall time, and the engine's metrics differenced around
+def sample(llm: Any, model: str, batch: Batch, output_len: int, turns: int = 1) -> list[dict[str, Any]]:
+    """One batch on one engine, greedy, per turn of its conversations (each turn asks every request's next
+    follow-up after the answers so far): the outputs, wall time, and the engine's metrics differenced around
     it as sums (`vllm_std.bench.analysis.summarize` pools a workload's batches and derives the figures)."""
     from vllm import SamplingParams
 
     from vllm_std.fixtures.prompts import vllm_request
 
-    requests = [vllm_request(model, q.question, videos=[q.frames]) for q in batch]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    before = snapshot(llm)
-    start = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    return {
-        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
-        "wall_seconds": wall,
-        **figures(snapshot(llm), before),
-    }
+    histories: list[list[tuple[str, str]]] = [[] for _ in batch]
+    samples = []
+    for turn in range(turns):
+        asked = [q.question if turn == 0 else q.follow_ups[turn - 1] for q in batch]
+        requests = [
+            vllm_request(model, a, videos=[q.frames], history=h)
+            for a, q, h in zip(asked, batch, histories, strict=True)
+        ]
+        before = snapshot(llm)
+        start = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        for a, h, o in zip(asked, histories, outputs, strict=True):
+            h.append((a, o.outputs[0].text))
+        samples.append(
+            {
+                "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+                "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+                "wall_seconds": wall,
+                **figures(snapshot(llm), before),
+            }
+        )
+    return samples
 
 
 class EngineProcess:
@@ -153,8 +167,8 @@ class EngineProcess:
         # compiling beside it would double every step it times (an 8k dense step measured at 12 ms, not 5).
         self._receive()
 
-    def sample(self, requests: Batch, output_len: int) -> dict[str, Any]:
-        self._conn.send((requests, output_len))
+    def sample(self, requests: Batch, output_len: int, turns: int = 1) -> list[dict[str, Any]]:
+        self._conn.send((requests, output_len, turns))
         return self._receive()
 
     def _receive(self) -> Any:

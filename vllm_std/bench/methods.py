@@ -36,16 +36,26 @@ class Method:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
+    """A batch of `batch` questions about videos of `visual_tokens` visual tokens each; with `turn` > 1, the
+    follow-up questions of turn `turn` of conversations about those videos (their KV from the prefix
+    cache)."""
+
     visual_tokens: int
     batch: int
+    turn: int = 1
 
     @property
     def label(self) -> str:
-        return (
+        size = (
             f"{self.visual_tokens // 1024}k x{self.batch}"
             if self.visual_tokens >= 1024
             else (f"{self.visual_tokens} x{self.batch}")
         )
+        return size if self.turn == 1 else f"{size} turn {self.turn}"
+
+    def turns(self, count: int) -> list["Workload"]:
+        """This workload's turns 1..count."""
+        return [dataclasses.replace(self, turn=t) for t in range(1, count + 1)]
 
 
 METHODS = ["none", "std", "adaptive", "ngram", "suffix", *BASELINES]

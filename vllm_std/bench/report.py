@@ -142,7 +142,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         return
     # The sweeps of `vllm_std.bench.methods`: gamma at the first K, K at the first gamma.
     first = {"gamma": std[0]["gamma"], "top_k": std[0]["top_k"]}
-    workload, method = ("visual_tokens", "batch"), ("method",)
+    workload, method = ("visual_tokens", "batch", "turn"), ("method", "turn")
     _plot(
         records,
         "gamma",

@@ -83,12 +83,30 @@ class ServerEngine:
         self._client = OpenAI(base_url=f"{url}/v1", api_key="EMPTY", timeout=timeout, max_retries=0)
         self._media = tempfile.TemporaryDirectory(prefix="vllm-std-bench-")
 
-    def sample(self, batch: Batch, output_len: int) -> dict[str, Any]:
+    def sample(self, batch: Batch, output_len: int, turns: int = 1) -> list[dict[str, Any]]:
+        """The batch's conversations, turn by turn (each turn's messages repeat the earlier ones)."""
         urls = [self._video_url(q, i) for i, q in enumerate(batch)]
+        conversations: list[list[dict[str, Any]]] = [[] for _ in batch]
+        samples = []
+        for turn in range(turns):
+            for q, url, messages in zip(batch, urls, conversations, strict=True):
+                text = {"type": "text", "text": q.question if turn == 0 else q.follow_ups[turn - 1]}
+                video = [{"type": "video_url", "video_url": {"url": url}}] if turn == 0 else []
+                messages.append({"role": "user", "content": [*video, text]})
+            samples.append(self._turn(batch, conversations, output_len))
+            for messages, sample in zip(conversations, samples[-1]["answers"], strict=True):
+                messages.append({"role": "assistant", "content": sample})
+        for s in samples:
+            del s["answers"]
+        return samples
+
+    def _turn(
+        self, batch: Batch, conversations: list[list[dict[str, Any]]], output_len: int
+    ) -> dict[str, Any]:
         before = scrape(self.url)
         start = time.perf_counter()
         with ThreadPoolExecutor(len(batch)) as pool:
-            responses = list(pool.map(lambda a: self._ask(*a, output_len), zip(batch, urls, strict=True)))
+            responses = list(pool.map(lambda m: self._ask(m, output_len), conversations))
         wall = time.perf_counter() - start
         for question, response in zip(batch, responses, strict=True):
             if response.usage.prompt_tokens < 0.9 * question.prompt_tokens:
@@ -101,6 +119,7 @@ class ServerEngine:
             "token_ids": [r.choices[0].token_ids for r in responses],
             "prompt_tokens": [r.usage.prompt_tokens for r in responses],
             "wall_seconds": wall,
+            "answers": [r.choices[0].message.content for r in responses],
             **figures(self._settled(before, len(batch)), before),
         }
 
@@ -122,14 +141,10 @@ class ServerEngine:
         path = write_mp4(question.frames, Path(self._media.name) / f"{index}.mp4", fps=VIDEO_FPS)
         return f"data:video/mp4;base64,{base64.b64encode(path.read_bytes()).decode()}"
 
-    def _ask(self, question: VideoQuestion, video_url: str, output_len: int) -> Any:
-        content = [
-            {"type": "video_url", "video_url": {"url": video_url}},
-            {"type": "text", "text": question.question},
-        ]
+    def _ask(self, messages: list[dict[str, Any]], output_len: int) -> Any:
         return self._client.chat.completions.create(
             model=self.model,
-            messages=[{"role": "user", "content": content}],  # type: ignore[misc,list-item]
+            messages=messages,  # type: ignore[arg-type]
             max_tokens=output_len,
             temperature=0.0,
             extra_body={"ignore_eos": True, "return_token_ids": True},

@@ -7,6 +7,10 @@ import numpy as np
 from vllm_std.bench.engines import Batch, VideoQuestion
 from vllm_std.bench.methods import Workload
 
+FOLLOW_UPS = ("What happens after that?", "How does the video end?", "What is in the first frame?")
+"""The later turns' questions about a video (`vllm-std bench --turns`)."""
+MAX_TURNS = 1 + len(FOLLOW_UPS)
+
 FrameSource = Callable[[int, int, int, int], np.ndarray]
 """`(num_frames, height, width, seed) -> [num_frames, height, width, 3]` uint8 RGB."""
 
@@ -59,14 +63,16 @@ class VideoQuestions:
         frames, side = self.frames_for(workload.visual_tokens), self.side
         tokens = round(self.text_tokens + frames * self.tokens_per_frame)
         return [
-            VideoQuestion(self.question, self._frames(frames, side, side, seed + i), tokens)
+            VideoQuestion(self.question, self._frames(frames, side, side, seed + i), tokens, FOLLOW_UPS)
             for i in range(workload.batch)
         ]
 
 
 class LookupQuestions:
     """The trained sparse fixture's task (`vllm_std.fixtures.sparse`): a video of one visual token per tile
-    and a question whose answer sits in one short marked clip; held-out episodes, one per request."""
+    and a question whose answer sits in one short marked clip; held-out episodes, one per request. The
+    follow-ups ask about the video's other clips (the model was trained on single questions: what it
+    answers after a first answer is its own, and STD is measured on it all the same)."""
 
     tokens_per_frame = 0.5
 
@@ -77,11 +83,16 @@ class LookupQuestions:
         self.text_tokens = prompt_token_count(model, sparse_request(model, 64)[0]) - 64
 
     def requests(self, workload: Workload, seed: int) -> Batch:
-        from vllm_std.fixtures.sparse import episode_question, sparse_episode
+        from vllm_std.fixtures.sparse import MARKERS, episode_question, question, sparse_episode
 
         episodes = [sparse_episode(workload.visual_tokens, seed + i) for i in range(workload.batch)]
         tokens = round(self.text_tokens + workload.visual_tokens)
-        return [VideoQuestion(*episode_question(ep), tokens) for ep in episodes]
+        out = []
+        for ep in episodes:
+            others = [question(MARKERS[m]) for m in ep.markers() if m != ep.marker]
+            follow_ups = tuple((others * MAX_TURNS)[: MAX_TURNS - 1]) if others else FOLLOW_UPS
+            out.append(VideoQuestion(*episode_question(ep), tokens, follow_ups))
+        return out
 
 
 def workload_source(

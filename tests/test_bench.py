@@ -182,9 +182,9 @@ class _Engine:
     def __init__(self, label: str, log: list[tuple[str, str, int]]) -> None:
         self.label, self.log, self.closed = label, log, False
 
-    def sample(self, batch: Batch, output_len: int) -> dict:
+    def sample(self, batch: Batch, output_len: int, turns: int = 1) -> list[dict]:
         self.log.append((self.label, batch[0].question, output_len))
-        return {"tpot": (1, float(len(self.log)))}
+        return [{"tpot": (1, float(len(self.log))), "turn": t} for t in range(1, turns + 1)]
 
     def close(self) -> None:
         self.closed = True
@@ -226,6 +226,19 @@ def test_sample_methods_take_turns_and_warm_up_each_workload(interleaved: bool) 
         assert [label for label, *_ in measured] == ["none"] * 3 + ["std g2 K64"] * 3
     assert all(e.closed for e in engines) and len(engines) == 2
     assert [len(samples[m.label, "1k x1"]) for m in plan] == [2, 2]
+
+
+def test_each_turn_of_a_conversation_is_a_workload() -> None:
+    """With `--turns`, an engine runs a batch's conversations at once; each turn's sample goes to the
+    workload of that turn."""
+    log: list[tuple[str, str, int]] = []
+    questions = lambda w, seed: [VideoQuestion(f"{w.label} {seed}", np.zeros(0), 0)]  # noqa: E731
+    start = lambda m: _Engine(m.label, log)  # noqa: E731
+    rounds = [(Workload(1024, 4), 0), (Workload(1024, 4), 1000)]
+    samples = sample_methods([Method("none", "none")], rounds, start, questions, 64, True, turns=3)
+    assert set(samples) == {("none", "1k x4"), ("none", "1k x4 turn 2"), ("none", "1k x4 turn 3")}
+    assert [s["turn"] for s in samples["none", "1k x4 turn 3"]] == [3, 3]
+    assert Workload(8192, 4).turns(2) == [Workload(8192, 4), Workload(8192, 4, turn=2)]
 
 
 def test_summarize_pools_batches() -> None:
@@ -272,6 +285,7 @@ def test_bench_command(tmp_path: Path) -> None:
         "1,2",
     ]
     cmd += ["--gamma", "2,4", "--top-k", "256", "--output-len", "16", "--repeats", "2", "--out", str(out)]
+    cmd += ["--turns", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
@@ -279,5 +293,11 @@ def test_bench_command(tmp_path: Path) -> None:
     suffix = {"suffix"} if suffix_decoding_installed() else set()
     assert kinds == {"none", "std", "adaptive", "ngram", "streaming", "recent_visual", "random", *suffix}
     assert all(r["identical_to_no_speculation"] for r in result["records"])
+    assert {r["workload"] for r in result["records"]} == {
+        "512 x1",
+        "512 x2",
+        "512 x1 turn 2",
+        "512 x2 turn 2",
+    }
     assert result["cost_model"] is not None
     assert (out / "bench.md").exists() and (out / "speedup_vs_gamma.png").exists()

@@ -87,7 +87,8 @@ def test_where_verify_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
     assert decisions == {"fixed": 0, "paying": 0, "probe": 0, "not_paying": decisions["not_paying"]}
     assert decisions["not_paying"] > 0 and std["gamma"][1] == 0
     assert counters.get("num_drafts", 0) == 0
-    # One decision per token each scored request sampled (four of the suite's requests, every video scored
-    # through chunked prefill), also in the steps that repeat an idle plan without planning.
-    assert std["requests_scored"] == 4
-    assert decisions["not_paying"] == std["gamma"][0] == 4 * GREEDY.max_tokens
+    # One decision per token each scored request sampled (five of the suite's requests, every video scored
+    # through chunked prefill, the follow-up's from the prefix cache), also in the steps that repeat an idle
+    # plan without planning.
+    assert std["requests_scored"] == 5
+    assert decisions["not_paying"] == std["gamma"][0] == 5 * GREEDY.max_tokens

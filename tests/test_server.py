@@ -3,9 +3,10 @@
 Two real servers run for the whole module, side by side on 127.0.0.1: a plain one and one with STD (gamma 4,
 K 256 visual tokens = 2 KV blocks of 128, so the ~1k-token test videos really get sparse drafts). Requests
 are greedy (temperature 0) unless a test says otherwise and go to both; answers must match token for token.
-Each request that is to be drafted uses its own synthetic video or image: vLLM's prefix cache is on (its
-default) and STD does not draft for a request whose visual KV comes from the cache, so a repeated video
-would not test the drafter.
+Each request that is to be drafted uses its own synthetic video or image, so that each is prefilled and
+scored from scratch (vLLM's prefix cache is on, its default: a repeated video's KV would come from it).
+The STD server can be made to fail on purpose (`fault_injection.FaultInjector`, through vLLM's dev-mode
+`POST /collective_rpc`).
 
 `std_server` (a `helpers.Server`: `.url`, `.log`) is the fixture for further tests against the STD server.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import openai
 import pytest
 import requests
+from fault_injection import STAGES
 from helpers import (
     Server,
     image_data_url,
@@ -78,8 +80,25 @@ def servers(media_dir: Path) -> Any:
         *("--media-io-kwargs", EVERY_FRAME),  # as `vllm-std bench --server` asks
     )
     std = (*("--speculative-config", STD_SPEC), *("--per-request-spec-decode-metrics", "summary"))
-    with served(model, common, [*common, *std]) as pair:
+    std += ("--worker-extension-cls", "fault_injection.FaultInjector")
+    # Dev mode serves `POST /collective_rpc`; the workers import the injector from this folder.
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    with _environ(VLLM_SERVER_DEV_MODE="1", PYTHONPATH=path), served(model, common, [*common, *std]) as pair:
         yield tuple(pair)
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -620,3 +639,37 @@ def test_bench_stops_where_a_server_drops_frames(plain_server: Server) -> None:
     message = str(stopped.value)
     assert "server 'none' made" in message and f"--media-io-kwargs '{EVERY_FRAME}'" in message
     assert "\n" not in message
+
+
+# --- drafter faults -----------------------------------------------------------------------------------
+
+
+def test_drafter_faults_cost_drafts_not_answers(both: Both, std_server: Server, media_dir: Path) -> None:
+    """A fault injected into the STD server's drafter at each stage (scoring, selection, the middle of a
+    drafting round): every answer still equals the plain server's, each fault is one warning line and is
+    counted on `/metrics`, and the server stays healthy and drafts again for the next request."""
+    before = requests.get(f"{std_server.url}/metrics", timeout=10).text
+    for seed, stage in enumerate(STAGES, start=131):
+        done = requests.post(
+            f"{std_server.url}/collective_rpc", json={"method": "inject_fault", "args": [stage]}, timeout=60
+        )
+        assert done.status_code == 200, done.text
+        plain, std = both.run(lambda c, s=seed: both.chat(c, user(video_part(video_data_url(media_dir, s)))))
+        assert std["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"], stage
+    assert requests.get(f"{std_server.url}/health", timeout=10).status_code == 200
+    drafted = metric_sum(
+        requests.get(f"{std_server.url}/metrics", timeout=10).text, "vllm:spec_decode_num_drafts_total"
+    )
+    plain, std = both.run(lambda c: both.chat(c, user(video_part(video_data_url(media_dir, 141)))))
+    assert std["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+    after = requests.get(f"{std_server.url}/metrics", timeout=10).text
+    assert metric_sum(after, "vllm:spec_decode_num_drafts_total") > drafted
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    assert delta("vllm:std_drafter_faults_total", stage="scoring") == 2
+    assert delta("vllm:std_drafter_faults_total", stage="drafting") == 1
+    assert delta("vllm:std_requests_skipped_total", reason="drafter_fault") >= 3
+    warnings = [line for line in std_server.log if "decode without drafts, the engine goes on" in line]
+    assert len(warnings) == 3 and all("RuntimeError: injected" in line for line in warnings)

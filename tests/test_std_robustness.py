@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from fault_injection import STAGES
 from helpers import drafter_report, engine, token_ids
 from vllm import LLM, SamplingParams
 
@@ -84,32 +85,6 @@ def test_preemption_is_lossless(baseline: dict) -> None:
     assert live == []
 
 
-def _inject(stage: str):
-    """A worker function (for `collective_rpc`) that makes the drafter's next `stage` fail once: scoring a
-    layer, selecting the blocks, or the third draft step of a round."""
-
-    def install(worker) -> None:
-        import vllm_std.capture as capture
-
-        drafter = worker.model_runner.drafter
-        target, name = {
-            "scoring": (drafter.scorer, "_score_layer"),
-            "selection": (capture, "select_blocks"),
-            "drafting": (drafter, "_draft_step"),
-        }[stage]
-        original = getattr(target, name)
-
-        def failing(*args, **kwargs):
-            if stage == "drafting" and args[2] != 2:
-                return original(*args, **kwargs)
-            setattr(target, name, original)
-            raise RuntimeError(f"injected {stage} fault")
-
-        setattr(target, name, failing)
-
-    return install
-
-
 FAULT_SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": 256, "adaptive": False}
 
 
@@ -119,16 +94,16 @@ def test_drafter_faults_cost_drafts_never_outputs(capfd: pytest.CaptureFixture[s
     `vllm:std_drafter_faults_total` counts it, every output equals the engine's without speculation, and
     the engine goes on drafting for the requests after."""
     path = str(tiny_model("qwen2_vl"))
-    stages = ("scoring", "selection", "drafting")
-    batches = {stage: _videos(path, 2 + i)[i:] for i, stage in enumerate(stages)}  # other videos each
+    batches = {stage: _videos(path, 2 + i)[i:] for i, stage in enumerate(STAGES)}  # other videos each
     after = [vllm_request(path, "What happens?", videos=[synthetic_frames(32, 224, 224, seed=30)])]
     with engine("qwen2_vl", max_num_batched_tokens=512) as llm:
         expected = {stage: token_ids(llm.generate(batch, LONG)) for stage, batch in batches.items()}
         expected["after"] = token_ids(llm.generate(after, LONG))
     got = {}
-    with engine("qwen2_vl", speculative_config=FAULT_SPEC, max_num_batched_tokens=512) as llm:
+    injector = {"worker_extension_cls": "fault_injection.FaultInjector"}
+    with engine("qwen2_vl", speculative_config=FAULT_SPEC, max_num_batched_tokens=512, **injector) as llm:
         for stage, batch in batches.items():
-            llm.collective_rpc(_inject(stage))
+            llm.collective_rpc("inject_fault", args=(stage,))
             got[stage] = token_ids(llm.generate(batch, LONG))
         before = spec_decode_counters(llm)["num_drafts"]
         got["after"] = token_ids(llm.generate(after, LONG))

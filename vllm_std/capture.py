@@ -225,9 +225,11 @@ class PrefillScorer:
         state.scoring_seconds += time.perf_counter() - start
 
     def _finish(self, req_id: str, state: _PendingPrefill) -> None:
-        del self.pending[req_id]
+        """The request's selection from its layers' scores. It stays pending until the selection exists, so
+        that a fault while selecting abandons it like one while scoring."""
         scores = torch.stack([s for s in state.scores if s is not None])
         if scores.shape[0] != self.num_layers:
+            del self.pending[req_id]
             self._skip(req_id, "incomplete_capture")
             return
         candidates = candidate_blocks(state.visual, self.block_size)
@@ -239,6 +241,7 @@ class PrefillScorer:
         if self.config.selection == "streaming":  # the same number of blocks, sinks and the latest ones
             kept = streaming_blocks(self.num_layers, candidates.shape[0], kept.shape[1])
         selection = RequestSelection.of(kept, state.visual, self.block_size)
+        del self.pending[req_id]
         self.selections[req_id] = selection
         self.history.append(SelectionRecord(req_id, scores, selection))
         if self.metrics is not None:

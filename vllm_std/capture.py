@@ -163,9 +163,7 @@ class PrefillScorer:
 
     def forget(self, live_req_ids: set[str]) -> None:
         """Drops every per-request entry whose request vLLM no longer holds (finished or aborted)."""
-        for table in (self.pending, self.selections, self.skipped):
-            for req_id in [r for r in table if r not in live_req_ids]:
-                del table[req_id]
+        self.release({*self.pending, *self.selections, *self.skipped} - live_req_ids)
 
     def plan_step(self, rows: Sequence[BatchRow]) -> None:
         """Decides, before a forward pass runs its first layer, which rows the layer hooks look at: the

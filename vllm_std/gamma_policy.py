@@ -125,11 +125,8 @@ class GammaPolicy:
         self._probing -= req_ids
 
     def forget(self, live_req_ids: set[str]) -> None:
-        for req_id in [r for r in self.requests if r not in live_req_ids]:
-            del self.requests[req_id]
-        for ids in (self._seen, self._probing):
-            ids.intersection_update(live_req_ids)
-        self._again = {r: n for r, n in self._again.items() if r in live_req_ids}
+        """Drops what is kept about every request but `live_req_ids`."""
+        self.release({*self.requests, *self._seen, *self._probing, *self._again} - live_req_ids)
 
     def accepted_at(self, req_id: str) -> list[float]:
         """The request's conditional acceptance per draft position (the engine's until it has rounds)."""

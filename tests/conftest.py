@@ -5,6 +5,10 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+# tests/test_gpu_backends.py runs vLLM's Triton kernels on the CPU through Triton's interpreter, which has to
+# be on before triton is first imported (its standard library is decorated then). vLLM turns Triton off on
+# its CPU platform, so the engines under test run no Triton either way.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vllm_std.fixtures.models import tiny_model
 

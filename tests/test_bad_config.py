@@ -21,7 +21,7 @@ from helpers import serve_arg_parser
 from vllm.engine.arg_utils import EngineArgs
 
 from vllm_std.config import STDConfigError
-from vllm_std.patches import logger as patches_logger
+from vllm_std.engine_checks import logger as checks_logger
 
 GAMMA_FIELD = "speculative_config.num_speculative_tokens"
 GAMMA = "allowed: an integer from 1 to 32"
@@ -139,10 +139,26 @@ ROWS = [
     Bad("alibi", "std", "ALiBi attention", WITHOUT_STD, model="alibi"),
     Bad("mla", "std", "multi-head latent attention", WITHOUT_STD, model="mla"),
     Bad(
-        "gpu-platform",
+        "other-platform",
         "std",
-        "the cuda attention backends",
+        "the rocm platform",
         "run without STD on this platform",
+        platform="rocm",
+    ),
+    Bad(
+        "flashinfer-backend",
+        "std",
+        "--attention-backend FLASHINFER",
+        "pass --attention-backend FLASH_ATTN",
+        engine={"attention_backend": "FLASHINFER"},
+        platform="cuda",
+    ),
+    Bad(
+        "full-cuda-graphs",
+        "std",
+        "cudagraph_mode FULL",
+        "-cc.cudagraph_mode=FULL_AND_PIECEWISE",
+        engine={"compilation_config": {"cudagraph_mode": "FULL"}},
         platform="cuda",
     ),
     Bad(
@@ -286,6 +302,7 @@ def refusal(row: Bad, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPat
         from vllm.platforms import current_platform
 
         monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+        monkeypatch.setattr(current_platform, "is_cuda", lambda: row.platform == "cuda")
         monkeypatch.setattr(current_platform, "device_name", row.platform)
     args = EngineArgs(model=checkpoints[row.model], speculative_config=row.spec, **row.engine)
     with pytest.raises(STDConfigError) as info:
@@ -400,7 +417,7 @@ def test_accepted(
 ) -> None:
     """Legal settings start; one that makes STD pointless says so in one warning line that says what to do."""
     messages: list[str] = []
-    monkeypatch.setattr(patches_logger, "warning", lambda message, *args: messages.append(message % args))
+    monkeypatch.setattr(checks_logger, "warning", lambda message, *args: messages.append(message % args))
     config = EngineArgs(model=checkpoints[model], speculative_config=spec, **engine).create_engine_config()
     assert config.speculative_config.method == "custom_class"
     assert "std" in config.additional_config

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from helpers import serve_arg_parser, shell_commands
 
-from vllm_std.patches import refused_flags
+from vllm_std.engine_checks import refused_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -88,7 +88,7 @@ def test_std_matches_no_speculation(family: str, dtype: str, gamma: int, top_k: 
         "incomplete_capture": 0,
         "drafter_fault": 0,
     }
-    assert std["drafter_faults"] == {"planning": 0, "scoring": 0, "drafting": 0}
+    assert std["drafter_faults"] == {"planning": 0, "scoring": 0, "drafting": 0, "self_check": 0}
     assert (
         std["kept_visual_tokens"]
         <= std["visual_tokens"]

@@ -110,10 +110,45 @@ def test_drafter_faults_cost_drafts_never_outputs(capfd: pytest.CaptureFixture[s
         drafted_after = spec_decode_counters(llm)["num_drafts"] - before
         std = std_metrics(llm)
     assert got == expected
-    assert std["drafter_faults"] == {"planning": 0, "scoring": 2, "drafting": 1}
+    assert std["drafter_faults"] == {"planning": 0, "scoring": 2, "drafting": 1, "self_check": 0}
     assert std["requests_skipped"]["drafter_fault"] >= 3
     assert drafted_after > 0
     log = "".join(capfd.readouterr())
     for stage in ("scoring", "drafting"):
         assert f"STD {stage} failed (RuntimeError: injected" in log
     assert "decode without drafts, the engine goes on" in log
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [
+        ("view", "with every block kept, the draft step's logits differ from the dense step's"),
+        ("write", "the draft step changed KV blocks"),
+    ],
+)
+def test_failed_self_check_turns_std_off(
+    broken: str, error: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A draft path broken on purpose (tests/broken_adapter.py: tables read in the wrong order, or KV
+    written into blocks the draft does not own) fails the start-up self-check: one warning line names the
+    backend and what differed, `vllm:std_drafter_faults_total{stage="self_check"}` is 1, and the engine
+    serves every request without a draft, with the outputs of an engine without speculation."""
+    path = str(tiny_model("qwen2_vl"))
+    requests = _videos(path, 2)
+    with engine("qwen2_vl") as llm:
+        expected = token_ids(llm.generate(requests, LONG))
+    monkeypatch.setenv("STD_TEST_BREAK", broken)
+    broken_drafter = {"worker_extension_cls": "broken_adapter.BrokenDrafter"}
+    with engine("qwen2_vl", speculative_config=FAULT_SPEC, **broken_drafter) as llm:
+        got = token_ids(llm.generate(requests, LONG))
+        counters = spec_decode_counters(llm)
+        std = std_metrics(llm)
+    assert got == expected
+    assert counters["num_drafts"] == 0
+    assert std["drafter_faults"]["self_check"] == 1
+    log = "".join(capfd.readouterr())
+    failures = [line for line in log.splitlines() if "STD self-check failed" in line]
+    assert len(failures) == 1
+    assert "on the CPU_ATTN attention backend (" + error in failures[0]
+    assert "STD is off for this engine, which serves without speculation" in failures[0]
+    assert "STD on:" not in log

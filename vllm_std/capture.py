@@ -183,6 +183,19 @@ class PrefillScorer:
                 state.scores = [None] * self.num_layers
             self._plan.append((row, state))
 
+    def end_step(self) -> None:
+        """After the forward pass: a planned chunk that not every layer showed to `observe` (a step replayed
+        as a full CUDA graph runs no hook) leaves its prompt unscorable; it decodes without drafts."""
+        for row, state in self._plan:
+            if row.req_id not in self.pending:  # selected (or abandoned) in this step
+                continue
+            completes = row.chunk_start + row.num_rows >= state.prompt_len
+            seen = sum(s is not None for s in state.scores) if completes else len(state.queries[-1])
+            if seen < self.num_layers:
+                del self.pending[row.req_id]
+                self._skip(row.req_id, "incomplete_capture")
+        self._plan = []
+
     def _skip(self, req_id: str, reason: SkipReason) -> None:
         self.skipped[req_id] = reason
         self.skip_counts[reason] += 1

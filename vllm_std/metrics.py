@@ -32,8 +32,9 @@ SkipReason = Literal[
 ]
 """Why a request decodes without drafts (the `reason` label of `vllm:std_requests_skipped_total`)."""
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
-FAULT_STAGES = ("planning", "scoring", "drafting")
-"""Where the drafter caught an exception (the `stage` label of `vllm:std_drafter_faults_total`)."""
+FAULT_STAGES = ("planning", "scoring", "drafting", "self_check")
+"""Where the drafter caught an exception (the `stage` label of `vllm:std_drafter_faults_total`); `self_check`:
+the start-up self-check failed and STD is off for the engine."""
 _LABELLED = {"requests_skipped": "reason", "gamma_decisions": "decision", "drafter_faults": "stage"}
 
 
@@ -169,7 +170,7 @@ class STDMetrics:
         faults = Counter(
             "vllm:std_drafter_faults",
             "Exceptions the drafter caught (its requests then decode without drafts), by stage: planning, "
-            "scoring, drafting.",
+            "scoring, drafting; self_check: the start-up self-check failed and STD is off for this engine.",
             [*names, "stage"],
             registry=None,
         )

@@ -36,6 +36,13 @@ The inventory, in the order it is applied:
    in which no request drafted, the engine core receives no drafts rather than an empty list per request,
    which the scheduler would walk to set every request's (already empty) drafts again. Same schedule.
 
+9. `GPUModelRunnerModelForwardPatch` (workers only, applied by `STDProposer.__init__`): every forward pass
+   of the target runs inside the drafter's `target_step`, which plans what the attention hooks score and
+   learns from the drafts it verifies, also when the step replays a CUDA graph (no hook runs then).
+10. `GPUWorkerWarmUpPatch` / `CPUWorkerWarmUpPatch` (workers only, the one for the platform, applied by
+   `STDProposer.__init__`): after vLLM's warm-up and CUDA-graph capture, the drafter's start-up self-check
+   and cost calibration run, before the engine takes a request.
+
 A patch refuses to apply, loudly, when the installed vLLM is not a supported version or its target's
 signature changed; `tests/test_patches.py` runs the same checks.
 """
@@ -60,8 +67,8 @@ from vllm_std.config import (
     PROPOSER_CLASS,
     STDConfig,
     STDConfigError,
-    unsupported,
 )
+from vllm_std.engine_checks import check_engine
 from vllm_std.metrics import FrontendCollector
 
 # Under "vllm." so that vLLM's own logging configuration prints it.
@@ -231,114 +238,6 @@ class EngineArgsSpeculativeConfigPatch(VLLMPatch):
         return create_speculative_config
 
 
-def check_engine(engine_args: Any, model_config: Any, std: STDConfig) -> None:
-    """Start-up refusals that the front end can decide, so `vllm serve` stops before loading anything.
-
-    What the drafter cannot serve is decided here from the model's config, so that the worker's own checks
-    (`vllm_std.backends.adapter_for`, the adapters' `check_layer`, `RunnerView`), which fire only after the
-    weights load and inside vLLM's tracebacks, stay a safety net. Settings that are legal but make STD
-    pointless are accepted with a warning.
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        raise unsupported(
-            f"the {current_platform.device_name} attention backends yet (only vLLM's CPU backend has an "
-            "adapter)",
-            "run without STD on this platform (see docs/compatibility.md)",
-        )
-    if not model_config.is_multimodal_model:
-        raise unsupported(
-            f"{model_config.model}, which has no video or image inputs",
-            "use another method (e.g. 'ngram') or no speculation",
-        )
-    if not any(model_config.multimodal_config.get_limit_per_prompt(m) > 0 for m in std.modalities):
-        raise unsupported(
-            f"a model whose {' and '.join(std.modalities)} inputs are turned off (--language-model-only or "
-            "--limit-mm-per-prompt)",
-            "allow them, or use another method (e.g. 'ngram') or no speculation",
-        )
-    refusal = _attention_refusal(model_config)
-    if refusal is not None:
-        raise unsupported(*refusal)
-    for flag in refused_flags(engine_args):
-        raise unsupported(flag, f"remove {flag.split()[0]} or run without STD")
-    _warn_pointless(std, model_config.max_model_len)
-
-
-def refused_flags(engine_args: Any) -> list[str]:
-    """The engine flags STD cannot honour among those set, from `EngineArgs` or `vllm serve`'s parsed
-    namespace (same attribute names): what a command line alone decides, e.g. in a deployment manifest."""
-    return [
-        flag
-        for flag, present in (
-            ("--enable-lora", engine_args.enable_lora),
-            ("--kv-transfer-config", engine_args.kv_transfer_config is not None),
-            ("--kv-offloading-size", engine_args.kv_offloading_size is not None),
-            ("--pipeline-parallel-size > 1", engine_args.pipeline_parallel_size > 1),
-            # With expert parallelism the data-parallel ranks hold collectives in every forward pass, which
-            # the draft forwards of one rank would leave the others waiting in; plain data parallelism is
-            # untested (one server per replica behind a load balancer serves the same).
-            ("--data-parallel-size > 1", (engine_args.data_parallel_size or 1) > 1),
-            ("--async-scheduling", engine_args.async_scheduling is True),
-            # Prefill scoring reads keys back from the cache in its float dtype.
-            ("--kv-cache-dtype fp8", str(engine_args.kv_cache_dtype).startswith("fp8")),
-        )
-        if present
-    ]
-
-
-_FULL_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
-
-
-def _attention_refusal(model_config: Any) -> tuple[str, str] | None:
-    """(what, fix) if the model's attention is not one full-attention KV cache read by `CPU_ATTN`.
-
-    The drafter compacts one paged KV cache per layer and reads it with plain causal attention; anything
-    else would be refused in the worker (several KV-cache groups, another backend, a layer it would get
-    wrong). `sliding_attention` layer types are fine once the window is off: vLLM then reads them in full.
-    """
-    config, name = model_config.hf_text_config, model_config.model
-    if model_config.get_sliding_window() is not None:
-        return (
-            f"sliding-window attention ({name}: the drafter's views assume full attention)",
-            "pass --disable-sliding-window (vLLM then caps the context at the window) or run without STD",
-        )
-    kinds = set(getattr(config, "layer_types", None) or ()) - _FULL_ATTENTION_LAYER_TYPES
-    if kinds or model_config.is_hybrid:
-        layers = ", ".join(sorted(kinds)) or "non-attention"
-        return f"hybrid models ({name} has {layers} layers besides full attention)", "run without STD"
-    if model_config.attention_chunk_size is not None:
-        return f"chunked local attention ({name})", "run without STD"
-    if model_config.uses_alibi:
-        return f"ALiBi attention ({name})", "run without STD"
-    if model_config.use_mla:
-        return (
-            f"multi-head latent attention ({name}: vLLM's MLA backends have no STD adapter yet)",
-            "run without STD",
-        )
-    return None
-
-
-def _warn_pointless(std: STDConfig, max_model_len: int) -> None:
-    """Warns about legal settings under which STD cannot help: a K at or above the context drops no visual
-    token (tuning.md: drafting then only loses), a `min_visual_tokens` at or above it drafts nothing."""
-    if std.top_k >= max_model_len:
-        logger.warning(
-            "speculative_config.top_k %d >= max_model_len %d: no request has more visual tokens than K, so "
-            "the drafter always reads the full context and STD cannot be faster; lower top_k",
-            std.top_k,
-            max_model_len,
-        )
-    if std.min_visual_tokens >= max_model_len:
-        logger.warning(
-            "speculative_config.min_visual_tokens %d >= max_model_len %d: no request has that many visual "
-            "tokens, so none is drafted; lower min_visual_tokens",
-            std.min_visual_tokens,
-            max_model_len,
-        )
-
-
 class GPUModelRunnerKVCachePatch(VLLMPatch):
     target_module = "vllm.v1.worker.gpu_model_runner"
     target_class = "GPUModelRunner"
@@ -439,6 +338,77 @@ class GPUModelRunnerTakeDraftTokenIdsPatch(VLLMPatch):
         return take_draft_token_ids
 
 
+class GPUModelRunnerModelForwardPatch(VLLMPatch):
+    """Each forward pass of the target runs inside the drafter's `target_step`, which plans what the layer
+    hooks capture in it and closes that plan after. Planned from the runner, not from a layer: a step
+    replayed as a CUDA graph runs no Python in its layers, and vLLM's warm-up and graph capture run the
+    layers on dummy batches (`_dummy_run`, which does not come through here)."""
+
+    target_module = "vllm.v1.worker.gpu_model_runner"
+    target_class = "GPUModelRunner"
+    target_method = "_model_forward"
+    expected_params = (
+        "self",
+        "input_ids",
+        "positions",
+        "intermediate_tensors",
+        "inputs_embeds",
+        "model_kwargs",
+    )
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def _model_forward(self, *args, **kwargs):
+            target_step = getattr(getattr(self, "drafter", None), "target_step", None)
+            if target_step is None:
+                return original(self, *args, **kwargs)
+            with target_step():
+                return original(self, *args, **kwargs)
+
+        return _model_forward
+
+
+class GPUWorkerWarmUpPatch(VLLMPatch):
+    """Once vLLM has warmed up and captured its CUDA graphs, before the engine takes requests, the drafter
+    runs its start-up self-check and calibration (`STDProposer.after_warm_up`): their forward passes then
+    see the engine as it will serve, and no graph is captured around them."""
+
+    target_module = "vllm.v1.worker.gpu_worker"
+    target_class = "Worker"
+    target_method = "compile_or_warm_up_model"
+    expected_params = ("self",)
+
+    @classmethod
+    def applies(cls) -> bool:
+        from vllm.platforms import current_platform
+
+        return not current_platform.is_cpu()
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def compile_or_warm_up_model(self):
+            result = original(self)
+            after_warm_up = getattr(getattr(self.model_runner, "drafter", None), "after_warm_up", None)
+            if after_warm_up is not None:
+                after_warm_up()
+            return result
+
+        return compile_or_warm_up_model
+
+
+class CPUWorkerWarmUpPatch(GPUWorkerWarmUpPatch):
+    """`GPUWorkerWarmUpPatch` for vLLM's CPU worker, which warms up its own way."""
+
+    target_module = "vllm.v1.worker.cpu_worker"
+    target_class = "CPUWorker"
+
+    @classmethod
+    def applies(cls) -> bool:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+
+
 class CPUExpandKernelPatch(VLLMPatch):
     """`output[cu[i-1]:cu[i]] = input_val[i]`, `replace_from` mapped to `replace_to`, for any dtype."""
 
@@ -493,5 +463,8 @@ WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (
     GPUModelRunnerUpdateStatesPatch,
     GPUModelRunnerPrepareInputsWithoutDraftsPatch,
     GPUModelRunnerTakeDraftTokenIdsPatch,
+    GPUModelRunnerModelForwardPatch,
+    GPUWorkerWarmUpPatch,
+    CPUWorkerWarmUpPatch,
 )
 ALL_PATCHES = PLUGIN_PATCHES + WORKER_PATCHES

@@ -11,10 +11,10 @@ the drafter writes KV only at positions `>= n - 1` (the verifier rewrites them b
 reads the cache through compacted block tables, never changing a block.
 """
 
-import dataclasses
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,29 +23,23 @@ from vllm_std.backends import adapter_for
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.calibration import StartupCalibration, StepOverhead
 from vllm_std.capture import PrefillScorer
-from vllm_std.config import STDConfig
+from vllm_std.config import STDConfig, unsupported
 from vllm_std.cost_model import CostModel
+from vllm_std.draft_step import DraftRequest, draft_step_inputs
+from vllm_std.engine_checks import refused_compilation
 from vllm_std.gamma_policy import Decision, GammaPolicy
 from vllm_std.metrics import STDMetrics
 from vllm_std.patches import WORKER_PATCHES
 from vllm_std.runner_view import RunnerView
-from vllm_std.selection import RequestSelection, compacted_block_table, compacted_seq_len
+from vllm_std.self_check import SelfCheckFailed, StartupSelfCheck
 
 # Under "vllm." so that vLLM's own logging configuration prints it.
 logger = logging.getLogger(f"vllm.{__name__}")
 
 
-@dataclasses.dataclass
-class _DraftRequest:
-    row: int
-    selection: RequestSelection
-    num_tokens: int  # n: tokens so far, the last one sampled but not yet in the KV cache
-    num_drafts: int
-    physical: torch.Tensor
-    delta: int
-
-    def position(self, step: int) -> int:
-        return self.num_tokens - 1 + step
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on this thread's stream (vLLM's warm-up): no hook may act."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class STDProposer:
@@ -64,7 +58,8 @@ class STDProposer:
         self.adapter: AttentionAdapter | None = None
         self.scorer: PrefillScorer | None = None
         self.metrics: STDMetrics | None = None
-        self._drafting = False
+        self._started = False  # `after_warm_up` ran
+        self.disabled = False  # by a failed start-up self-check
         # Adaptive gamma: rank 0 decides every draft length (the others receive them), from these.
         self.cost: CostModel | None = None
         self.policy: GammaPolicy | None = None
@@ -86,24 +81,58 @@ class STDProposer:
         """Nothing to load: the drafter shares the target's weights and KV cache."""
 
     def bind_runner(self, runner: Any) -> None:
-        """Called once the KV cache exists: validate, then hook the attention layers for scoring."""
+        """Called once the KV cache exists, before vLLM warms up and captures its CUDA graphs: validate,
+        then hook the attention layers for scoring (the hooks act only in steps `target_step` plans)."""
         if self.view is not None:
             return
         view = RunnerView(runner, self.config)
         self.adapter = adapter_for(view.backend_name)
         for layer in view.layers:
             self.adapter.check_layer(layer.impl)
+        refusal = refused_compilation(view.vllm_config.compilation_config)
+        if refusal is not None:
+            raise unsupported(*refusal)
         self.metrics = STDMetrics.for_worker(self.vllm_config, view.tp_rank)
         self.scorer = PrefillScorer(
             self.config, len(view.layers), view.block_size, view.layers[0].impl.scale, self.metrics
         )
-        if self.config.adaptive:
-            self._calibrate(view, self.adapter)
         for index, layer in enumerate(view.layers):
             self._hook(layer.impl, index)
         self.view = view
+
+    def after_warm_up(self) -> None:
+        """Called once vLLM has warmed up (and captured its CUDA graphs), before any request: the self-check,
+        then the cost model. A failed self-check turns STD off for this engine, which serves on without
+        speculation; every rank takes the same branch (their forward passes hold collectives)."""
+        if self.view is None or self.adapter is None or self._started:
+            return
+        self._started = True
+        view, adapter = self.view, self.adapter
+        start = time.perf_counter()
+        error = None
+        try:
+            StartupSelfCheck(view, adapter).run()
+        except Exception as exc:  # a kernel may raise anything; each is a failed check
+            error = (
+                exc if isinstance(exc, SelfCheckFailed) else SelfCheckFailed(f"{type(exc).__name__}: {exc}")
+            )
+        if view.any_rank(error is not None):
+            self.disabled = True
+            if view.tp_rank == 0:
+                logger.warning(
+                    "STD self-check failed on the %s attention backend (%s); STD is off for this engine, "
+                    "which serves without speculation",
+                    view.backend_name,
+                    error if error is not None else "on another tensor-parallel rank",
+                )
+            if self.metrics is not None:
+                self.metrics.drafter_fault("self_check")
+            return
+        self_check_seconds = time.perf_counter() - start
+        if self.config.adaptive:
+            self._calibrate(view, adapter)
         if view.tp_rank == 0:
-            self._log_settings(view)
+            self._log_settings(view, self_check_seconds)
 
     def _calibrate(self, view: RunnerView, adapter: AttentionAdapter) -> None:
         """The cost model for adaptive gamma: the saved profile, or a measurement now (on every rank, as the
@@ -132,11 +161,11 @@ class STDProposer:
             1e3 * self.cost.verify(1, context, self.num_speculative_tokens),
         )
 
-    def _log_settings(self, view: RunnerView) -> None:
+    def _log_settings(self, view: RunnerView, self_check_seconds: float) -> None:
         """The one start-up line with the resolved settings (TP rank 0 only)."""
         logger.info(
             "STD on: gamma=%s%d top_k=%d (%d blocks of %d) selection=%s modalities=%s min_visual_tokens=%d; "
-            "%d layers, %s",
+            "%d layers, %s (self-check passed in %.2f s)",
             "adaptive up to " if self.config.adaptive else "",
             self.config.num_speculative_tokens,
             self.config.top_k,
@@ -147,20 +176,15 @@ class STDProposer:
             self.config.min_visual_tokens,
             len(view.layers),
             view.backend_name,
+            self_check_seconds,
         )
 
     def _hook(self, impl: Any, index: int) -> None:
         original = impl.forward
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
-            scoring = attn_metadata is not None and not self._drafting
-            if scoring and index == 0:
-                try:
-                    self._plan_step()
-                except Exception as exc:
-                    self._scoring_fault("planning", exc)
             out = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
-            if scoring and self.scorer.planned:
+            if self.scorer.planned and attn_metadata is not None and not _capturing():
                 try:
                     self.scorer.observe(index, query, self._key_reader(layer, kv_cache))
                 except Exception as exc:
@@ -168,6 +192,23 @@ class STDProposer:
             return out
 
         impl.forward = forward
+
+    @contextlib.contextmanager
+    def target_step(self) -> Iterator[None]:
+        """Around each forward pass of the target (`GPUModelRunnerModelForwardPatch`): plan what the layer
+        hooks capture in it, then close the plan. Planned here, not from a hook in the first layer: a step
+        replayed as a CUDA graph runs no Python in its layers, yet its acceptance must be learnt."""
+        if self.view is None or self.scorer is None or self.disabled:
+            yield
+            return
+        try:
+            self._plan_step()
+        except Exception as exc:
+            self._scoring_fault("planning", exc)
+        try:
+            yield
+        finally:
+            self.scorer.end_step()
 
     def _key_reader(self, layer: Any, kv_cache: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
         """Reads a request's keys of this layer back from the paged cache (for `PrefillScorer`)."""
@@ -274,7 +315,7 @@ class STDProposer:
         try:
             return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         except Exception as exc:
-            self._drafted, self._drafting = False, False
+            self._drafted = False
             self._round_end = time.perf_counter()
             try:
                 batch = self.view.batch_req_ids() if self.view is not None else []
@@ -288,7 +329,7 @@ class STDProposer:
         self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any, token_ids_cpu: Any
     ) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        if self.view is None or self.scorer is None:
+        if self.view is None or self.scorer is None or self.disabled:
             return drafts
         if self._idle_steps and self._idle_left:
             self._repeat_idle()
@@ -303,16 +344,12 @@ class STDProposer:
             return drafts
         tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
         start = time.perf_counter()
-        self._drafting = True
-        try:
-            for step in range(max(r.num_drafts for r in requests)):
-                active = [i for i, r in enumerate(requests) if r.num_drafts > step]
-                next_tokens = self._draft_step([requests[i] for i in active], tokens[active], step)
-                for i, token in zip(active, next_tokens.tolist(), strict=True):
-                    drafts[requests[i].row].append(token)
-                tokens[active] = next_tokens
-        finally:
-            self._drafting = False
+        for step in range(max(r.num_drafts for r in requests)):
+            active = [i for i, r in enumerate(requests) if r.num_drafts > step]
+            next_tokens = self._draft_step([requests[i] for i in active], tokens[active], step)
+            for i, token in zip(active, next_tokens.tolist(), strict=True):
+                drafts[requests[i].row].append(token)
+            tokens[active] = next_tokens
         self._round_end = time.perf_counter()
         if self.metrics is not None:
             self.metrics.draft_seconds.observe(self._round_end - start)
@@ -331,7 +368,7 @@ class STDProposer:
             self.metrics.not_paying(self._idle_eligible)
         self._round_end = time.perf_counter()
 
-    def _predicted_drafting(self, requests: list[_DraftRequest]) -> tuple[float, int]:
+    def _predicted_drafting(self, requests: list[DraftRequest]) -> tuple[float, int]:
         """The round's draft forward passes as the cost model predicts them, and how many steps it ran."""
         assert self.cost is not None and self.view is not None
         contexts = [r.selection.drafter_context(r.num_tokens) for r in requests]
@@ -342,7 +379,7 @@ class STDProposer:
             seconds += self.cost.draft(len(active), sum(active) / len(active))
         return seconds, steps
 
-    def _draftable(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any) -> list[_DraftRequest]:
+    def _draftable(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any) -> list[DraftRequest]:
         assert self.view is not None and self.scorer is not None
         block_size = self.view.block_size
         eligible, others = [], []
@@ -371,7 +408,7 @@ class STDProposer:
             )
             if k > 0:
                 physical = torch.tensor(block_ids, dtype=torch.int32)
-                out.append(_DraftRequest(row, selection, n, k, physical, self.view.position_delta(req_id)))
+                out.append(DraftRequest(row, selection, n, k, physical, self.view.position_delta(req_id)))
         return out
 
     def _gammas(self, eligible: list[tuple[int, str, int]], others: list[int]) -> list[int]:
@@ -417,30 +454,8 @@ class STDProposer:
         self._priced_steps += 1
         return self._priced
 
-    def _draft_step(self, requests: list[_DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
+    def _draft_step(self, requests: list[DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
         assert self.view is not None and self.adapter is not None
-        view, block_size = self.view, self.view.block_size
-        tables, seq_lens, slots, positions = [], [], [], []
-        for r in requests:
-            pos = r.position(step)
-            table = compacted_block_table(
-                r.selection.kept_prompt_blocks,
-                r.selection.num_prompt_blocks,
-                pos // block_size + 1,
-                r.physical,
-            )
-            tables.append(table)
-            seq_lens.append(compacted_seq_len(table.shape[1], pos, block_size))
-            slots.append(int(r.physical[pos // block_size]) * block_size + pos % block_size)
-            positions.append(pos + r.delta)
-        width = max(t.shape[1] for t in tables)
-        block_tables = torch.zeros(len(view.layer_names), len(requests), width, dtype=torch.int32)
-        for i, table in enumerate(tables):
-            block_tables[:, i, : table.shape[1]] = table
-        slot_tensor = torch.tensor(slots, dtype=torch.int64)
-        common = view.common_metadata(torch.tensor(seq_lens, dtype=torch.int32), block_tables[0], slot_tensor)
-        metadata = self.adapter.sparse_metadata(
-            view.attn_group.get_metadata_builder(), common, block_tables, view.layer_names
-        )
-        logits = view.draft_logits(tokens, torch.tensor(positions, dtype=torch.int64), slot_tensor, metadata)
+        inputs = draft_step_inputs(self.view, self.adapter, requests, step)
+        logits = self.view.draft_logits(tokens, inputs.positions, inputs.slots, inputs.metadata)
         return logits.argmax(dim=-1).cpu()

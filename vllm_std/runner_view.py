@@ -88,6 +88,19 @@ class RunnerView:
         return self.runner.requests[req_id].mrope_position_delta or 0
 
     @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        """Every layer's paged KV cache, in vLLM's per-layer `[blocks, ...]` views."""
+        return list(self.runner.kv_caches)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vllm_config.model_config.get_vocab_size()
+
+    @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
 
@@ -103,6 +116,17 @@ class RunnerView:
         """Rank 0's `obj` on every tensor-parallel rank (as is where there is one rank)."""
         group = self._tp_group
         return obj if group.world_size == 1 else group.broadcast_object(obj, src=0)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any tensor-parallel rank (all ranks must take the same branch)."""
+        group = self._tp_group
+        if group.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group.cpu_group)
+        return bool(value.item())
 
     @property
     def tp_rank(self) -> int:

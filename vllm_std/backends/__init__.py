@@ -1,19 +1,32 @@
 """One small adapter per attention backend: how to build the drafter's per-layer metadata from compacted
-block tables. Backends without an adapter are refused at start-up (`vllm_std.patches.check_engine`: other
-platforms, MLA models) and again when the drafter binds, never run wrong."""
+block tables, and how to read a layer's keys back from the paged cache. Backends without an adapter are
+refused at start-up (`vllm_std.engine_checks.check_engine` for what a command line decides) and again when the
+drafter binds, never run wrong."""
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.backends.cpu import CPUAttentionAdapter
+from vllm_std.backends.flash_attn import FlashAttentionAdapter
+from vllm_std.backends.triton_attn import TritonAttentionAdapter
 from vllm_std.config import unsupported
 
-_ADAPTERS: dict[str, type[AttentionAdapter]] = {"CPU_ATTN": CPUAttentionAdapter}
+ADAPTERS: dict[str, type[AttentionAdapter]] = {
+    "CPU_ATTN": CPUAttentionAdapter,
+    "FLASH_ATTN": FlashAttentionAdapter,
+    "TRITON_ATTN": TritonAttentionAdapter,
+}
+GPU_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+# Why the other backends vLLM may pick have none.
+_REASONS = {
+    "FLASHINFER": "FlashInfer's decode wrapper plans one page table per step on the host, not one per layer",
+}
 
 
 def adapter_for(backend_name: str) -> AttentionAdapter:
     try:
-        return _ADAPTERS[backend_name]()
+        return ADAPTERS[backend_name]()
     except KeyError:
+        reason = _REASONS.get(backend_name, "it has no adapter")
         raise unsupported(
-            f"the {backend_name} attention backend yet (supported: {', '.join(_ADAPTERS)})",
-            "run without STD or pick a supported backend",
+            f"the {backend_name} attention backend ({reason})",
+            f"pass --attention-backend {' or '.join(GPU_BACKENDS)} on a GPU, or run without STD",
         ) from None

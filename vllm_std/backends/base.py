@@ -1,8 +1,11 @@
-"""The interface each attention-backend adapter implements."""
+"""The interface each attention-backend adapter implements, and what the adapters share."""
 
+import dataclasses
 from typing import Any, Protocol
 
 import torch
+
+from vllm_std.config import unsupported
 
 
 class AttentionAdapter(Protocol):
@@ -19,3 +22,58 @@ class AttentionAdapter(Protocol):
     ) -> torch.Tensor:
         """`[num_tokens, Hkv, D]`: the keys a layer cached at positions `[0, num_tokens)` of one request
         whose logical blocks are the physical `block_ids`, in the cache's dtype (for prefill scoring)."""
+
+
+class PerLayerTableAdapter:
+    """For backends whose metadata carries the block table as a field that the kernel reads at call time
+    (CPU_ATTN, TRITON_ATTN, FLASH_ATTN): one build per draft step, then per layer a copy with that layer's
+    compacted table, as vLLM's own `update_block_table` does.
+
+    One build serves every layer because what the builders derive from the batch depends on lengths only,
+    and every layer keeps the same number of blocks. `build_for_drafting` is the builders' own entry for
+    drafters: FlashAttention skips its persistent FA3 schedule there, which the target's CUDA graphs read.
+    KV writes take their slots from the forward context, not from this metadata, so they land in the true
+    slots whatever table a layer reads."""
+
+    # What the backend's impl says when a layer has no sliding window.
+    NO_WINDOW: tuple[Any, ...] = (None, -1, (-1, -1))
+    # The fix offered where this backend cannot serve a model at all.
+    ALTERNATIVE = "run without STD"
+
+    def check_layer(self, impl: Any) -> None:
+        """The safety net behind the config-time checks (`vllm_std.engine_checks.check_engine`)."""
+        if getattr(impl, "sliding_window", None) not in self.NO_WINDOW:
+            raise unsupported("sliding-window attention", "pass --disable-sliding-window or run without STD")
+        if getattr(impl, "alibi_slopes", None) is not None:
+            raise unsupported("ALiBi attention", "run without STD")
+        if getattr(impl, "sinks", None) is not None:
+            raise unsupported("attention sinks (the drafter's views would drop them)", self.ALTERNATIVE)
+        if getattr(impl, "kv_sharing_target_layer_name", None) is not None:
+            raise unsupported("layers that share another layer's KV cache", "run without STD")
+        if str(getattr(impl, "kv_cache_dtype", "auto")).startswith(("fp8", "int")):
+            # Prefill scoring reads keys back from the cache (`read_keys`), in the cache's float dtype.
+            raise unsupported("a quantized KV cache", "drop --kv-cache-dtype or run without STD")
+        if getattr(impl, "total_cp_world_size", 1) > 1:
+            # Each rank then holds an interleaved share of every block: a compacted table means nothing.
+            raise unsupported(
+                "context parallelism", "drop --decode-context-parallel-size / --prefill-context-parallel-size"
+            )
+
+    def sparse_metadata(
+        self, builder: Any, common: Any, block_tables: torch.Tensor, layer_names: list[str]
+    ) -> dict[str, Any]:
+        shared = builder.build_for_drafting(common, draft_index=0)
+        return {
+            name: dataclasses.replace(shared, block_table=block_tables[i])
+            for i, name in enumerate(layer_names)
+        }
+
+
+def split_cache_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The keys of a layer cache in vLLM's logical `[blocks, Hkv, block_size, 2 * D]` view whose last axis
+    holds a token's key then its value, as the GPU kernels split it (`kv_cache.transpose(1, 2).split(D)`).
+    Reads only the request's blocks; `[num_tokens, Hkv, D]`."""
+    block_size, head_size = kv_cache.shape[2], kv_cache.shape[3] // 2
+    blocks = block_ids[: -(-num_tokens // block_size)]
+    keys = kv_cache[blocks, :, :, :head_size].transpose(1, 2)  # [blocks, block_size, Hkv, D]
+    return keys.reshape(-1, kv_cache.shape[1], head_size)[:num_tokens]

@@ -10,35 +10,15 @@ NEON, ...). Rather than restate any of them, the order is read off vLLM's own ke
 their own index are written into a scratch block, and what lands where is the permutation to undo.
 """
 
-import dataclasses
 import functools
 from typing import Any
 
 import torch
 
-from vllm_std.config import unsupported
+from vllm_std.backends.base import PerLayerTableAdapter
 
 
-class CPUAttentionAdapter:
-    def check_layer(self, impl: Any) -> None:
-        """The safety net behind the config-time checks (`vllm_std.patches.check_engine`)."""
-        if getattr(impl, "sliding_window", -1) not in (-1, None):
-            raise unsupported("sliding-window attention", "pass --disable-sliding-window or run without STD")
-        if getattr(impl, "alibi_slopes", None) is not None:
-            raise unsupported("ALiBi attention", "run without STD")
-        if str(getattr(impl, "kv_cache_dtype", "auto")).startswith("fp8"):
-            # Prefill scoring reads keys back from the cache (`read_keys`), in the cache's float dtype.
-            raise unsupported("an fp8 KV cache", "drop --kv-cache-dtype or run without STD")
-
-    def sparse_metadata(
-        self, builder: Any, common: Any, block_tables: torch.Tensor, layer_names: list[str]
-    ) -> dict[str, Any]:
-        shared = builder.build(common_prefix_len=0, common_attn_metadata=common)
-        return {
-            name: dataclasses.replace(shared, block_table=block_tables[i])
-            for i, name in enumerate(layer_names)
-        }
-
+class CPUAttentionAdapter(PerLayerTableAdapter):
     def read_keys(
         self, layer: Any, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
     ) -> torch.Tensor:

@@ -1,0 +1,340 @@
+"""STD's GPU attention adapters (TRITON_ATTN, FLASH_ATTN), checked on this CPU with vLLM's own code.
+
+vLLM's Triton paged-attention kernel and its `TritonAttentionImpl` (forward and KV write) run here under
+Triton's interpreter (`TRITON_INTERPRET=1`, with `vllm.triton_utils` re-enabled: vLLM turns Triton off on a
+CPU). A pure-torch paged-attention reference with FlashAttention's `block_table` / `seqused_k` /
+`cu_seqlens_q` semantics is anchored to that kernel, then checks the metadata the FLASH_ATTN adapter builds
+(FlashAttention's kernels themselves need a GPU). The metadata comes from vLLM's real builders.
+
+Shapes: the tiny fixture's GQA (4 query heads on 2 KV heads of 32), GPU block size 16, three requests of
+different lengths, each with a partial last block."""
+
+import dataclasses
+import importlib
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from vllm_std.backends import adapter_for
+from vllm_std.backends.base import split_cache_keys
+from vllm_std.fixtures.models import tiny_model
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 32, 16
+NUM_LAYERS, NUM_BLOCKS = 2, 24
+SCALE = HEAD_SIZE**-0.5
+SEQ_LENS = [70, 37, 5]  # tokens in the cache per request (with the new ones), each ending inside a block
+
+
+# ------------------------------------------------------------------------------------------ the reference
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal paged attention as FlashAttention reads it: request `i`'s queries `query_start_loc[i:i+2]` are
+    the last tokens of its `seq_lens[i]` keys, which are token by token the blocks `block_table[i]` of
+    `key_cache` `[blocks, block_size, Hkv, D]`, in table order."""
+    out = torch.empty_like(query)
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = query.shape[1] // num_kv_heads
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        start, end = query_start_loc[i].item(), query_start_loc[i + 1].item()
+        blocks = block_table[i, : -(-seq_len // block_size)].long()
+        keys = key_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
+        values = value_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
+        logits = torch.einsum("qhd,khd->hqk", query[start:end].double(), keys.double()) * scale
+        first = seq_len - (end - start)  # position of the first query
+        visible = torch.arange(seq_len)[None, :] <= first + torch.arange(end - start)[:, None]
+        weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", weights, values.double()).to(query.dtype)
+    return out
+
+
+def split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value caches `[blocks, block_size, Hkv, D]` of vLLM's logical `[blocks, Hkv, block_size,
+    2 * D]` layer cache, as the GPU backends split it."""
+    return kv_cache.transpose(1, 2).split(HEAD_SIZE, dim=-1)
+
+
+# ----------------------------------------------------------------------------------- vLLM's Triton on CPU
+
+
+@pytest.fixture(scope="module")
+def triton_cpu() -> Iterator[types.SimpleNamespace]:
+    yield from interpreted_triton()
+
+
+def interpreted_triton() -> Iterator[types.SimpleNamespace]:
+    """vLLM's Triton attention modules, imported with Triton on and interpreted."""
+    import triton
+    import triton.language as tl
+    import triton.language.extra.libdevice as tldevice
+    import vllm.triton_utils as triton_utils
+
+    if not triton.knobs.runtime.interpret:
+        pytest.fail(
+            "TRITON_INTERPRET=1 must be set before triton is first imported (tests/conftest.py sets it)"
+        )
+    names = ("HAS_TRITON", "triton", "tl", "tldevice")
+    saved = {name: getattr(triton_utils, name) for name in names}
+    triton_utils.HAS_TRITON, triton_utils.triton, triton_utils.tl, triton_utils.tldevice = (
+        True,
+        triton,
+        tl,
+        tldevice,
+    )
+    modules = [
+        "vllm.v1.attention.ops.triton_attention_helpers",
+        "vllm.v1.attention.ops.triton_unified_attention",
+        "vllm.v1.attention.ops.triton_reshape_and_cache_flash",
+        "vllm.v1.attention.backends.triton_attn",
+    ]
+    loaded = {
+        name: importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+        for name in modules
+    }
+    yield types.SimpleNamespace(backend=loaded["vllm.v1.attention.backends.triton_attn"])
+    for name, value in saved.items():
+        setattr(triton_utils, name, value)
+
+
+@pytest.fixture(scope="module")
+def vllm_config() -> Any:
+    return tiny_vllm_config()
+
+
+def tiny_vllm_config() -> Any:
+    """A resolved engine config of the tiny fixture (its heads are the shapes above)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(tiny_model("qwen2_vl")), max_model_len=4096).create_engine_config()
+
+
+def builder(backend_module: Any, vllm_config: Any) -> Any:
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(
+        block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
+    )
+    names = [f"layers.{i}.attn" for i in range(NUM_LAYERS)]
+    cls = next(
+        v
+        for k, v in vars(backend_module).items()
+        if k.endswith("MetadataBuilder") and k != "AttentionMetadataBuilder"
+    )
+    with set_current_vllm_config(vllm_config):
+        return cls(spec, names, vllm_config, torch.device("cpu"))
+
+
+@dataclasses.dataclass
+class Batch:
+    """Three requests of one new token each (a draft step), a random paged cache, per-layer compacted
+    tables that keep some blocks of each prompt."""
+
+    kv_cache: torch.Tensor  # [blocks, Hkv, block_size, 2 * D]
+    query: torch.Tensor
+    tables: torch.Tensor  # [L, B, W] compacted physical tables
+    seq_lens: torch.Tensor  # [B] compacted lengths (the same in every layer)
+    dense_table: torch.Tensor  # [B, W] every block
+    dense_lens: torch.Tensor
+    slots: torch.Tensor  # [B] true slots of the new tokens
+
+
+def draft_batch(seed: int = 0, keep_all: bool = False) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    kv_cache = torch.randn(NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, generator=generator)
+    query = torch.randn(len(SEQ_LENS), NUM_HEADS, HEAD_SIZE, generator=generator)
+    physical = (
+        torch.randperm(NUM_BLOCKS - 1, generator=generator)[: sum(-(-n // BLOCK_SIZE) for n in SEQ_LENS)] + 1
+    )
+    width = max(-(-n // BLOCK_SIZE) for n in SEQ_LENS)
+    dense_table = torch.zeros(len(SEQ_LENS), width, dtype=torch.int32)
+    tables = torch.zeros(NUM_LAYERS, len(SEQ_LENS), width, dtype=torch.int32)
+    seq_lens, slots, used = [], [], 0
+    for row, n in enumerate(SEQ_LENS):
+        count = -(-n // BLOCK_SIZE)
+        blocks = physical[used : used + count].int()
+        used += count
+        dense_table[row, :count] = blocks
+        # Each layer keeps other full blocks before the last (which holds the new token): one of them is
+        # dropped per layer where there are at least two.
+        kept = [list(range(count - 1)) for _ in range(NUM_LAYERS)]
+        if not keep_all and count > 2:
+            for layer in range(NUM_LAYERS):
+                del kept[layer][layer % (count - 1)]
+        for layer in range(NUM_LAYERS):
+            row_blocks = blocks[[*kept[layer], count - 1]]
+            tables[layer, row, : row_blocks.shape[0]] = row_blocks
+        seq_lens.append((len(kept[0])) * BLOCK_SIZE + (n - 1) % BLOCK_SIZE + 1)
+        slots.append(int(blocks[-1]) * BLOCK_SIZE + (n - 1) % BLOCK_SIZE)
+    return Batch(
+        kv_cache,
+        query,
+        tables,
+        torch.tensor(seq_lens, dtype=torch.int32),
+        dense_table,
+        torch.tensor(SEQ_LENS, dtype=torch.int32),
+        torch.tensor(slots),
+    )
+
+
+def common(batch: Batch, table: torch.Tensor, seq_lens: torch.Tensor) -> Any:
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    num = seq_lens.shape[0]
+    query_start_loc = torch.arange(num + 1, dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=query_start_loc,
+        query_start_loc_cpu=query_start_loc,
+        seq_lens=seq_lens,
+        num_reqs=num,
+        num_actual_tokens=num,
+        max_query_len=1,
+        max_seq_len=int(seq_lens.max()),
+        block_table_tensor=table,
+        slot_mapping=batch.slots,
+        causal=True,
+    )
+
+
+def reference_for_layer(batch: Batch, layer: int) -> torch.Tensor:
+    key_cache, value_cache = split(batch.kv_cache)
+    starts = torch.arange(len(SEQ_LENS) + 1)
+    return paged_attention(
+        batch.query, key_cache, value_cache, batch.tables[layer], batch.seq_lens, starts, SCALE
+    )
+
+
+def test_reference_is_dense_attention_over_the_kept_blocks() -> None:
+    """The reference itself: reading a compacted table equals attention over the kept blocks' keys gathered
+    into one contiguous sequence."""
+    batch = draft_batch()
+    key_cache, value_cache = split(batch.kv_cache)
+    got = reference_for_layer(batch, 1)
+    for row in range(len(SEQ_LENS)):
+        n = int(batch.seq_lens[row])
+        blocks = batch.tables[1, row, : -(-n // BLOCK_SIZE)].long()
+        keys = key_cache[blocks].flatten(0, 1)[:n].repeat_interleave(2, dim=1)
+        values = value_cache[blocks].flatten(0, 1)[:n].repeat_interleave(2, dim=1)
+        weights = (torch.einsum("hd,khd->hk", batch.query[row], keys) * SCALE).softmax(dim=-1)
+        torch.testing.assert_close(got[row], torch.einsum("hk,khd->hd", weights, values))
+
+
+LAYER_NAMES = [f"layers.{i}.attn" for i in range(NUM_LAYERS)]
+
+
+def triton_impl(triton_cpu: types.SimpleNamespace) -> Any:
+    return triton_cpu.backend.TritonAttentionImpl(
+        NUM_HEADS, HEAD_SIZE, SCALE, NUM_KV_HEADS, None, None, "auto"
+    )
+
+
+def scales() -> types.SimpleNamespace:
+    """The per-layer quantization scales the impl reads (1: an unquantized cache)."""
+    one = torch.ones(())
+    return types.SimpleNamespace(_q_scale=one, _k_scale=one, _v_scale=one)
+
+
+def triton_forward(impl: Any, batch: Batch, metadata: Any) -> torch.Tensor:
+    output = torch.empty_like(batch.query)
+    return impl.forward(scales(), batch.query, None, None, batch.kv_cache, metadata, output)
+
+
+def test_triton_views_read_their_own_blocks(triton_cpu: types.SimpleNamespace, vllm_config: Any) -> None:
+    """vLLM's `TritonAttentionImpl` (its unified Triton kernel, interpreted) with the per-layer metadata the
+    TRITON_ATTN adapter builds: each layer reads exactly its kept blocks, in GQA, for requests of different
+    lengths with partial last blocks, on the kernel's 2D and 3D (split-softmax) paths."""
+    impl = triton_impl(triton_cpu)
+    batch = draft_batch()
+    triton_builder = builder(triton_cpu.backend, vllm_config)
+    adapter = adapter_for("TRITON_ATTN")
+    for threshold in (1, 64):  # batch 3 >= 1: the 2D kernel; 3 < 64: the 3D kernel
+        triton_builder.seq_threshold_3D = threshold
+        metadata = adapter.sparse_metadata(
+            triton_builder, common(batch, batch.tables[0], batch.seq_lens), batch.tables, LAYER_NAMES
+        )
+        outs = [triton_forward(impl, batch, metadata[name]) for name in LAYER_NAMES]
+        for layer, out in enumerate(outs):
+            torch.testing.assert_close(out, reference_for_layer(batch, layer), atol=2e-5, rtol=2e-5)
+        assert not torch.allclose(outs[0], outs[1])  # the layers did read different blocks
+
+
+def test_triton_view_keeping_every_block_is_the_dense_step(
+    triton_cpu: types.SimpleNamespace, vllm_config: Any
+) -> None:
+    """With every block kept, the adapter's views give the dense step's result, bit for bit."""
+    impl = triton_impl(triton_cpu)
+    batch = draft_batch(seed=1, keep_all=True)
+    assert torch.equal(batch.tables[0], batch.dense_table) and torch.equal(batch.seq_lens, batch.dense_lens)
+    triton_builder = builder(triton_cpu.backend, vllm_config)
+    dense = triton_builder.build(0, common(batch, batch.dense_table, batch.dense_lens))
+    views = adapter_for("TRITON_ATTN").sparse_metadata(
+        triton_builder, common(batch, batch.tables[0], batch.seq_lens), batch.tables, LAYER_NAMES
+    )
+    expected = triton_forward(impl, batch, dense)
+    for name in LAYER_NAMES:
+        assert torch.equal(triton_forward(impl, batch, views[name]), expected)
+
+
+def test_triton_kv_write_lands_in_the_true_slots_only(triton_cpu: types.SimpleNamespace) -> None:
+    """vLLM's Triton KV write, given a draft step's true slots: those slots (and nothing else) change, and
+    the TRITON_ATTN / FLASH_ATTN adapters read the keys back from them (`read_keys`, prefill scoring)."""
+    impl = triton_impl(triton_cpu)
+    batch = draft_batch(seed=2)
+    before = batch.kv_cache.clone()
+    key = torch.randn(len(SEQ_LENS), NUM_KV_HEADS, HEAD_SIZE)
+    value = torch.randn(len(SEQ_LENS), NUM_KV_HEADS, HEAD_SIZE)
+    capability = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda *args: (9, 0)  # asked by the write's launcher; no GPU here
+    try:
+        impl.do_kv_cache_update(scales(), key, value, batch.kv_cache, batch.slots)
+    finally:
+        torch.cuda.get_device_capability = capability
+    key_cache, value_cache = split(batch.kv_cache)
+    flat_keys, flat_values = key_cache.flatten(0, 1), value_cache.flatten(0, 1)
+    torch.testing.assert_close(flat_keys[batch.slots], key, atol=0, rtol=0)
+    torch.testing.assert_close(flat_values[batch.slots], value, atol=0, rtol=0)
+    changed = (batch.kv_cache != before).transpose(1, 2).flatten(0, 1).any(dim=(1, 2))
+    assert torch.equal(torch.nonzero(changed).flatten(), batch.slots.sort().values)
+    for row, n in enumerate(SEQ_LENS):
+        for name in ("TRITON_ATTN", "FLASH_ATTN"):
+            keys = adapter_for(name).read_keys(None, batch.kv_cache, batch.dense_table[row].long(), n)
+            assert torch.equal(keys[-1], key[row])
+            assert torch.equal(keys, split_cache_keys(batch.kv_cache, batch.dense_table[row].long(), n))
+        assert torch.equal(keys[:-1], key_cache[batch.dense_table[row].long()].flatten(0, 1)[: n - 1])
+
+
+def test_flash_attention_views_read_their_own_blocks(vllm_config: Any) -> None:
+    """The FLASH_ATTN adapter's per-layer metadata, built by vLLM's `FlashAttentionMetadataBuilder` from CPU
+    tensors and read by the reference as FlashAttention reads it (`block_table`, `seq_lens` as `seqused_k`,
+    `query_start_loc` as `cu_seqlens_q`): each layer reads its kept blocks; the drafting build leaves the
+    FA3 ahead-of-time schedule (which the target's CUDA graphs replay) alone."""
+    from vllm.v1.attention.backends import flash_attn
+
+    batch = draft_batch(seed=3)
+    fa_builder = builder(flash_attn, vllm_config)
+    metadata = adapter_for("FLASH_ATTN").sparse_metadata(
+        fa_builder, common(batch, batch.tables[0], batch.seq_lens), batch.tables, LAYER_NAMES
+    )
+    key_cache, value_cache = split(batch.kv_cache)
+    for layer, name in enumerate(LAYER_NAMES):
+        md = metadata[name]
+        assert isinstance(md, flash_attn.FlashAttentionMetadata)
+        assert md.scheduler_metadata is None
+        got = paged_attention(
+            batch.query, key_cache, value_cache, md.block_table, md.seq_lens, md.query_start_loc, SCALE
+        )
+        torch.testing.assert_close(got, reference_for_layer(batch, layer))
+        assert torch.equal(md.block_table, batch.tables[layer])
+    assert metadata[LAYER_NAMES[0]].slot_mapping is metadata[LAYER_NAMES[1]].slot_mapping

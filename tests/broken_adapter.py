@@ -24,10 +24,10 @@ def _rolled_tables(original):
 
 
 def _stray_writes(original):
-    def draft_logits(self, token_ids, positions, slots, attn_metadata):
+    def draft_logits(self, token_ids, positions, slots, attn_metadata, graphs=True):
         if len({id(m) for m in attn_metadata.values()}) > 1:  # per-layer views: a draft step
             slots = slots + self.block_size
-        return original(self, token_ids, positions, slots, attn_metadata)
+        return original(self, token_ids, positions, slots, attn_metadata, graphs)
 
     return draft_logits
 

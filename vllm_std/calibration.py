@@ -22,6 +22,7 @@ import torch
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
+from vllm_std.selection import kv_slots
 
 if TYPE_CHECKING:
     from vllm_std.runner_view import RunnerView
@@ -87,19 +88,18 @@ class StartupCalibration:
         table = 1 + torch.arange(batch * num_blocks, dtype=torch.int32).view(batch, num_blocks)
         positions = (context + torch.arange(query_len)).repeat(batch)
         rows = torch.arange(batch).repeat_interleave(query_len)
-        slots = (table[rows, positions // block_size] * block_size + positions % block_size).long()
+        slots = kv_slots(table, rows, positions, block_size)
         seq_lens = torch.full((batch,), seq_len, dtype=torch.int32)
         common = view.common_metadata(seq_lens, table, slots, query_len)
-        builder = view.attn_group.get_metadata_builder()
         tokens = torch.ones(batch * query_len, dtype=torch.int64)
 
         def forward() -> None:
             if sparse:
                 tables = table.expand(len(view.layer_names), -1, -1)
+                builder = view.attn_group.get_metadata_builder()
                 metadata = self.adapter.sparse_metadata(builder, common, tables, view.layer_names)
             else:
-                shared = builder.build(common_prefix_len=0, common_attn_metadata=common)
-                metadata = dict.fromkeys(view.layer_names, shared)
+                metadata = view.dense_metadata(common)
             logits = view.draft_logits(tokens, positions, slots, metadata)
             float(logits[-1, 0])  # waits for the device
 

@@ -211,6 +211,11 @@ class RunnerView:
             and "vllm::unified_kv_cache_update" in splitting_ops
         )
 
+    def dense_metadata(self, common: Any) -> dict[str, Any]:
+        """Per-layer metadata as the target builds it: one build of `common` read by every layer."""
+        built = self.attn_group.get_metadata_builder().build(common_prefix_len=0, common_attn_metadata=common)
+        return dict.fromkeys(self.layer_names, built)
+
     def common_metadata(
         self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor, query_len: int = 1
     ) -> Any:

@@ -95,6 +95,14 @@ def compacted_block_table(
     return physical[torch.cat([kept_prompt_blocks, tail], dim=1)]
 
 
+def kv_slots(
+    table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """The KV-cache slot of each token: position `positions[i]` of the request in row `rows[i]` of the
+    physical block table `table`."""
+    return table[rows, positions // block_size].long() * block_size + positions % block_size
+
+
 def compacted_seq_len(num_kept_blocks: int, position: int, block_size: int) -> int:
     """Sequence length of a compacted view whose last block holds `position`; all others are full."""
     return (num_kept_blocks - 1) * block_size + position % block_size + 1

@@ -19,7 +19,7 @@ import torch
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.draft_step import DraftRequest, draft_step_inputs
-from vllm_std.selection import RequestSelection
+from vllm_std.selection import RequestSelection, kv_slots
 
 if TYPE_CHECKING:
     from vllm_std.runner_view import RunnerView
@@ -118,13 +118,15 @@ class StartupSelfCheck:
         table = torch.zeros(len(physical), width, dtype=torch.int32)
         for i, p in enumerate(physical):
             table[i, : p.shape[0]] = p
-        slots = (table[rows, positions // block_size].long() * block_size + positions % block_size).long()
+        slots = kv_slots(table, rows, positions, block_size)
         common = view.common_metadata(torch.tensor(seq_lens, dtype=torch.int32), table, slots, query_len)
-        metadata = view.attn_group.get_metadata_builder().build(0, common)
-        shared = dict.fromkeys(view.layer_names, metadata)
         # Eager: the reference for a draft step that may replay vLLM's piecewise graphs.
         return view.draft_logits(
-            tokens.to(view.device), positions, slots.to(view.device), shared, graphs=False
+            tokens.to(view.device),
+            positions,
+            slots.to(view.device),
+            view.dense_metadata(common),
+            graphs=False,
         )
 
     def _compare(self, dense: torch.Tensor, draft: torch.Tensor) -> None:

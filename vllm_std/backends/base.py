@@ -69,6 +69,16 @@ class PerLayerTableAdapter:
         }
 
 
+class SplitKVCacheAdapter(PerLayerTableAdapter):
+    """For the GPU backends (TRITON_ATTN, FLASH_ATTN), which read vLLM's logical `[blocks, Hkv, block_size,
+    2 * D]` layer cache as keys then values along its last axis."""
+
+    def read_keys(
+        self, layer: Any, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
+    ) -> torch.Tensor:
+        return split_cache_keys(kv_cache, block_ids, num_tokens)
+
+
 def split_cache_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """The keys of a layer cache in vLLM's logical `[blocks, Hkv, block_size, 2 * D]` view whose last axis
     holds a token's key then its value, as the GPU kernels split it (`kv_cache.transpose(1, 2).split(D)`).

@@ -9,13 +9,11 @@ metadata is checked on the CPU against a pure-torch reference with FlashAttentio
 
 from typing import Any
 
-import torch
-
-from vllm_std.backends.base import PerLayerTableAdapter, split_cache_keys
+from vllm_std.backends.base import SplitKVCacheAdapter
 from vllm_std.config import unsupported
 
 
-class FlashAttentionAdapter(PerLayerTableAdapter):
+class FlashAttentionAdapter(SplitKVCacheAdapter):
     ALTERNATIVE = "pass --attention-backend TRITON_ATTN or run without STD"
 
     def check_layer(self, impl: Any) -> None:
@@ -24,10 +22,5 @@ class FlashAttentionAdapter(PerLayerTableAdapter):
             raise unsupported(
                 f"FlashAttention {impl.vllm_flash_attn_version} (the drafter's views are checked with FA2 "
                 "and FA3 only)",
-                "pass --attention-backend TRITON_ATTN or run without STD",
+                self.ALTERNATIVE,
             )
-
-    def read_keys(
-        self, layer: Any, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
-    ) -> torch.Tensor:
-        return split_cache_keys(kv_cache, block_ids, num_tokens)

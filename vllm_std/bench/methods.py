@@ -13,7 +13,7 @@ class Method:
     """A speculative config under a readable label (`None`: no speculation)."""
 
     label: str
-    kind: str  # "none", "std", "adaptive", "ngram", "suffix", one of BASELINES; "server": a `--server`
+    kind: str  # one of METHODS; "server": a `--server`
     gamma: int = 0  # for "adaptive", the most drafted
     top_k: int = 0
 
@@ -25,13 +25,18 @@ class Method:
         if self.kind == "suffix":
             return {"method": "suffix", "num_speculative_tokens": self.gamma}
         selection = self.kind if self.kind in BASELINES else "attention"
-        return {
+        config = {
             "method": "std",
             "num_speculative_tokens": self.gamma,
             "top_k": self.top_k,
             "selection": selection,
             "adaptive": self.kind == "adaptive",
         }
+        if self.kind == "std_onehot":
+            # Argmax drafts verified as one-hot: what drafting from the drafter's distribution is measured
+            # against on sampled runs (greedy runs draft and verify the same either way).
+            config["draft_probs"] = False
+        return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +63,11 @@ class Workload:
         return [dataclasses.replace(self, turn=t) for t in range(1, count + 1)]
 
 
-METHODS = ["none", "std", "adaptive", "ngram", "suffix", *BASELINES]
+METHODS = ["none", "std", "std_onehot", "adaptive", "ngram", "suffix", *BASELINES]
+
+OPT_IN = ("std_onehot",)
+"""Kinds run only where `--methods` names them: STD with one-hot verification is a comparison for sampled
+runs (`--temperature`), the same engine as `std` on greedy ones."""
 
 
 def suffix_decoding_installed() -> bool:
@@ -68,7 +77,8 @@ def suffix_decoding_installed() -> bool:
 
 def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Method]:
     """Every method to run: STD (fixed gamma) at each gamma with the first K and at each K with the first
-    gamma; the baselines at the first gamma and K; adaptive STD up to the largest gamma, at the first K."""
+    gamma; STD with one-hot verification and the baselines at the first gamma and K; adaptive STD up to the
+    largest gamma, at the first K."""
     gamma, k = gammas[0], top_ks[0]
     out = [Method("none", "none")] if "none" in kinds else []
     if "adaptive" in kinds:
@@ -76,6 +86,8 @@ def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Meth
     if "std" in kinds:
         sweep = dict.fromkeys([(g, k) for g in gammas] + [(gamma, kk) for kk in top_ks])
         out += [Method(f"std g{g} K{kk}", "std", g, kk) for g, kk in sweep]
+    if "std_onehot" in kinds:
+        out.append(Method(f"std-onehot g{gamma} K{k}", "std_onehot", gamma, k))
     out += [Method(f"{kind} g{gamma}", kind, gamma) for kind in ("ngram", "suffix") if kind in kinds]
     baselines = [kind for kind in BASELINES if kind in kinds]
     out += [Method(f"{kind} g{gamma} K{k}", kind, gamma, k) for kind in baselines]

@@ -27,14 +27,36 @@ def _acceptance_and_speedup(r: dict[str, Any]) -> str:
     speed = f"{r.get('speedup_tpot', float('nan')):.2f}x"
     if "predicted_speedup" in r:
         speed += f" ({r['predicted_speedup']:.2f}x)"
-    return f"{acceptance} / {speed}" + ("" if r["identical_to_no_speculation"] else " ✗")
+    return f"{acceptance} / {speed}" + (" ✗" if r["identical_to_no_speculation"] is False else "")
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """Methods x workloads, like the paper's Table 1: acceptance rate / speedup in time per output token
     (measured; the cost model's prediction in brackets); a cross marks output that differs from no
-    speculation."""
+    speculation (never a sampled run's, which is not compared: None)."""
     return _grid(records, _acceptance_and_speedup)
+
+
+def sampling_note(temperature: float) -> str:
+    """How the outputs were sampled, and so whether the table's crosses mean anything."""
+    if temperature == 0:
+        return "Greedy outputs (temperature 0): ✗ marks one that differs from no speculation's."
+    return (
+        f"Outputs sampled at temperature {temperature:g}, so not compared token by token with no "
+        "speculation's (a sampled output differs from it legitimately; that sampling stays lossless is "
+        "checked by the test suite's distribution test, tests/test_std_sampling.py)."
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """`bench.md`: the run's settings, the methods x workloads table and the pooled one."""
+    environment = result["environment"]
+    header = (
+        f"# vllm-std bench\n\nModel `{result['model']}`; vLLM {environment['vllm']}, {environment['cpus']} "
+        "CPUs. Cells: acceptance / speedup in time per output token vs no speculation (cost model's "
+        f"prediction in brackets). {sampling_note(result['command']['temperature'])}\n\n"
+    )
+    return header + markdown_table(result["records"]) + pooled_table(result["pooled"])
 
 
 def pooled_table(pooled: list[dict[str, Any]]) -> str:
@@ -130,12 +152,7 @@ def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
 
 def write_report(result: dict[str, Any], out: Path) -> None:
     records = result["records"]
-    header = (
-        f"# vllm-std bench\n\nModel `{result['model']}`; vLLM {result['environment']['vllm']}, "
-        f"{result['environment']['cpus']} CPUs. Cells: acceptance / speedup in time per output token vs no "
-        "speculation (cost model's prediction in brackets).\n\n"
-    )
-    (out / "bench.md").write_text(header + markdown_table(records) + pooled_table(result["pooled"]))
+    (out / "bench.md").write_text(markdown(result))
     _plot_methods(records, out / "methods.png")
     std = [r for r in records if r["kind"] == "std"]
     if not std:

@@ -2,11 +2,12 @@
 
 For users whose model only runs as a server (a GPU deployment, a real checkpoint): each server is one
 method, started by the user with the settings to compare (say one without speculation, labelled `none`, and
-one with STD). A batch goes out as concurrent chat requests, greedy and `ignore_eos`, the video as an mp4
-data URL; the figures come from the server's `/metrics`, differenced around the batch exactly as an offline
-engine's (so a server must serve nothing else during the run). A server must decode every frame it is sent
-(`--media-io-kwargs '{"video": {"num_frames": -1}}'`; vLLM's default keeps 32), or the workloads would not
-be the ones asked for: the bench stops at the first batch that shows it.
+one with STD). A batch goes out as concurrent chat requests at the bench's temperature (greedy by default),
+`ignore_eos`, the video as an mp4 data URL; the figures come from the server's `/metrics`, differenced
+around the batch exactly as an offline engine's (so a server must serve nothing else during the run). A
+server must decode every frame it is sent (`--media-io-kwargs '{"video": {"num_frames": -1}}'`; vLLM's
+default keeps 32), or the workloads would not be the ones asked for: the bench stops at the first batch that
+shows it.
 """
 
 import argparse
@@ -73,12 +74,12 @@ def served_model(url: str) -> str:
 
 
 class ServerEngine:
-    """A running OpenAI-compatible vLLM server as one of the bench's engines."""
+    """A running OpenAI-compatible vLLM server as one of the bench's engines, asked at `temperature`."""
 
-    def __init__(self, label: str, url: str, timeout: float = 3600.0) -> None:
+    def __init__(self, label: str, url: str, timeout: float = 3600.0, temperature: float = 0.0) -> None:
         from openai import OpenAI
 
-        self.label, self.url = label, url
+        self.label, self.url, self.temperature = label, url, temperature
         self.model = served_model(url)
         self._client = OpenAI(base_url=f"{url}/v1", api_key="EMPTY", timeout=timeout, max_retries=0)
         self._media = tempfile.TemporaryDirectory(prefix="vllm-std-bench-")
@@ -146,7 +147,7 @@ class ServerEngine:
             model=self.model,
             messages=messages,  # type: ignore[arg-type]
             max_tokens=output_len,
-            temperature=0.0,
+            temperature=self.temperature,  # no seed, as offline (`vllm_std.bench.engines.sample`)
             extra_body={"ignore_eos": True, "return_token_ids": True},
         )
 

@@ -104,6 +104,7 @@ def test_to_additional_config_excludes_method_and_gamma() -> None:
         "modalities": ["image"],
         "min_visual_tokens": 1,
         "selection": "attention",
+        "draft_probs": True,
         "adaptive": True,
         "probe_interval": 16,
         "min_gain": 0.1,

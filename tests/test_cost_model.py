@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from vllm_std.cost_model import (
     BandwidthModel,
     CostModel,
+    LookupRow,
     RoundRow,
     StepCost,
     VerifyCost,
@@ -108,6 +109,56 @@ def test_plan_is_the_fastest_round_and_never_a_slowdown(
         assert model.rate(rows, plan) == pytest.approx(fastest, rel=1e-9)
     if any(plan):
         assert model.rate(rows, plan) > plain * (1 + min_gain)
+
+
+lookup_rows = st.one_of(st.none(), st.tuples(st.integers(0, 3), acceptances))
+"""A request's look-up draft: its length and acceptance per position, or None."""
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    cost_models,
+    st.lists(st.tuples(round_rows, lookup_rows), min_size=1, max_size=3),
+    st.integers(0, 3),
+    st.sampled_from([0.0, 0.0, 0.05, 0.3]),
+)
+def test_plan_with_lookups_is_the_fastest_round(
+    model: CostModel, table: list[tuple[RoundRow, LookupRow]], max_gamma: int, min_gain: float
+) -> None:
+    """Against every combination of each request's choices (none, a sparse draft of each length, its look-up
+    draft cut to each length): the plan is the fastest where that beats plain decoding by more than
+    `min_gain`, all zeros where it does not; a look-up draft never runs past what was looked up."""
+    rows, lookups = [row for row, _ in table], [lookup for _, lookup in table]
+    plan = model.plan_rounds(rows, max_gamma, min_gain, lookups)
+    plain = model.rate(rows, [0] * len(rows))
+
+    def choices(row: RoundRow, lookup: LookupRow) -> list[tuple[int, bool]]:
+        sparse = range(1, max_gamma + 1) if row[2] is not None else []
+        looked = range(1, min(lookup[0], max_gamma) + 1) if lookup is not None else []
+        return [(0, False), *((g, False) for g in sparse), *((g, True) for g in looked)]
+
+    def rate(combination: tuple[tuple[int, bool], ...]) -> float:
+        gammas, looked_up = zip(*combination, strict=True)
+        return model.rate(rows, gammas, lookups, looked_up)
+
+    fastest = max(map(rate, itertools.product(*map(choices, rows, lookups))))
+    chosen = tuple(zip(plan.gammas, plan.looked_up, strict=True))
+    assert all(c in choices(row, lookup) for c, row, lookup in zip(chosen, rows, lookups, strict=True))
+    if fastest <= plain * (1 + min_gain) * (1 - 1e-9):
+        assert plan.gammas == [0] * len(rows)
+    elif fastest > plain * (1 + min_gain) * (1 + 1e-9):
+        assert rate(chosen) == pytest.approx(fastest, rel=1e-9)
+
+
+def test_a_lookup_draft_costs_no_draft_step() -> None:
+    """Where a sparse draft does not pay (a short context on the CPU), the same acceptance from a look-up
+    draft does: it costs only its share of the verify step."""
+    model = CostModel(DENSE, StepCost(2e-3, 2e-4, 3e-7), CPU_VERIFY)
+    row = (4_000, 1_600, [0.9])
+    assert model.plan([row], 6, min_gain=0.1) == [0]
+    plan = model.plan_rounds([row], 6, 0.1, [(4, [0.9])])
+    assert plan.looked_up == [True] and plan.gammas[0] > 0
+    assert model.plan_rounds([row], 6, 0.1, [None]).gammas == [0]
 
 
 def test_a_small_predicted_gain_is_not_worth_drafting() -> None:

@@ -37,6 +37,14 @@ def test_check_fails_loudly_when_vllm_chooses_its_speculative_branch_otherwise()
         Drifted.check()
 
 
+def test_check_fails_loudly_when_vllm_reads_draft_probabilities_otherwise() -> None:
+    class Drifted(patches.GPUModelRunnerProposeDraftTokenIdsPatch):
+        READ = "self._draft_probs[req_id]"
+
+    with pytest.raises(PatchTargetChanged, match="no longer reads draft probabilities"):
+        Drifted.check()
+
+
 def test_apply_is_idempotent() -> None:
     from vllm.engine.arg_utils import EngineArgs
 

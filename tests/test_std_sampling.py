@@ -1,13 +1,17 @@
-"""With sampling, STD's outputs follow the same distribution as without speculation.
+"""With sampling, STD's outputs follow the same distribution as without speculation, with its drafts drawn
+from the drafter's own distribution (the default), with argmax drafts (`draft_probs` off), and with drafts
+drawn from a distribution skewed on purpose (tests/skewed_drafts.py), far from the target's.
 
 The same image prompt is sampled N times per engine, each with its own seed, at temperature 1 restricted to
 the top 3 tokens (so each position has few outcomes and the test has power at this N). For each of the
 first POSITIONS output positions, a chi-square test of homogeneity compares the token counts of the two
 engines (outcomes expected fewer than 5 times are pooled). The test fails if any position's p-value is
 below ALPHA / POSITIONS: with Bonferroni's bound, a correct STD fails this test at most once in 1/ALPHA runs.
-K is one of the image's two KV blocks, so the drafter differs from the target and vLLM's rejection sampler
-both accepts and rejects drafts. Prefix caching is off: the prompt repeats, and a prefix-cache hit on the
-image would not be drafted. The same test must tell temperature 1 from temperature 0.3 (power check).
+K is one of the image's two KV blocks, so the drafter differs from the target; the argmax and skewed drafts
+are both accepted and rejected by vLLM's rejection sampler (with the drafter's own distribution, this tiny
+random model's drafts are nearly always accepted). Prefix caching is off: the prompt repeats, and a
+prefix-cache hit on the image would not be drafted. The same test must tell temperature 1 from temperature
+0.3 (power check).
 """
 
 import collections
@@ -33,14 +37,14 @@ SPEC = {"method": "std", "num_speculative_tokens": 3, "top_k": 128, "adaptive": 
 ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False, "max_model_len": 1024}
 
 
-def _sample(llm: LLM, temperature: float) -> list[list[int]]:
+def _sample(llm: LLM, temperature: float, n: int = N, max_tokens: int = POSITIONS) -> list[list[int]]:
     path = str(tiny_model("qwen2_vl"))
     request = vllm_request(path, "What is in the picture?", images=[synthetic_image(448, 448, seed=30)])
     params = [
-        SamplingParams(max_tokens=POSITIONS, temperature=temperature, top_k=3, seed=seed, ignore_eos=True)
-        for seed in range(N)
+        SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=3, seed=seed, ignore_eos=True)
+        for seed in range(n)
     ]
-    return [list(out.outputs[0].token_ids) for out in llm.generate([request] * N, params)]
+    return [list(out.outputs[0].token_ids) for out in llm.generate([request] * n, params)]
 
 
 def homogeneity_p_values(a: list[list[int]], b: list[list[int]]) -> list[float]:
@@ -57,22 +61,51 @@ def homogeneity_p_values(a: list[list[int]], b: list[list[int]]) -> list[float]:
     return p_values
 
 
+DRAFTS = {
+    "draft_probs": {},
+    "one_hot": {"speculative_config": {**SPEC, "draft_probs": False}},
+    "skewed": {"worker_extension_cls": "skewed_drafts.SkewedDrafts"},
+}
+
+
 @pytest.fixture(scope="module")
 def samples() -> Iterator[dict[str, Any]]:
     with engine("qwen2_vl", **ENGINE_ARGS) as llm:
         plain, colder = _sample(llm, 1.0), _sample(llm, 0.3)
-    with engine("qwen2_vl", speculative_config=SPEC, **ENGINE_ARGS) as llm:
-        std = _sample(llm, 1.0)
-        counters = spec_decode_counters(llm)
-    yield {"plain": plain, "colder": colder, "std": std, "counters": counters}
+    out: dict[str, Any] = {"plain": plain, "colder": colder}
+    for name, args in DRAFTS.items():
+        with engine("qwen2_vl", **{"speculative_config": SPEC, **ENGINE_ARGS, **args}) as llm:
+            out[name] = _sample(llm, 1.0)
+            out[f"{name} counters"] = spec_decode_counters(llm)
+            if name == "draft_probs":
+                # The same seeded requests again, after other draws: a seeded request drafts the same.
+                out["seeded twice"] = [_sample(llm, 1.0, n=8, max_tokens=16) for _ in range(2)]
+    yield out
 
 
-def test_std_samples_from_the_same_distribution(samples: dict[str, Any]) -> None:
-    p_values = homogeneity_p_values(samples["std"], samples["plain"])
+@pytest.mark.parametrize("drafts", DRAFTS)
+def test_std_samples_from_the_same_distribution(samples: dict[str, Any], drafts: str) -> None:
+    p_values = homogeneity_p_values(samples[drafts], samples["plain"])
     assert min(p_values) > ALPHA / POSITIONS, p_values
-    # The drafts were both accepted and rejected: the rejection sampler's two paths both ran.
-    counters = samples["counters"]
-    assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
+    counters = samples[f"{drafts} counters"]
+    assert counters["num_accepted_tokens"] > 0
+    if drafts != "draft_probs":
+        # Drafts were both accepted and rejected: the rejection sampler's two paths both ran.
+        assert counters["num_accepted_tokens"] < counters["num_draft_tokens"]
+
+
+def test_draft_probabilities_are_accepted_more_than_argmax_drafts(samples: dict[str, Any]) -> None:
+    def rate(drafts: str) -> float:
+        counters = samples[f"{drafts} counters"]
+        return counters["num_accepted_tokens"] / counters["num_draft_tokens"]
+
+    assert rate("draft_probs") > rate("one_hot") + 0.05, (rate("draft_probs"), rate("one_hot"))
+
+
+def test_seeded_requests_draw_the_same_drafts(samples: dict[str, Any]) -> None:
+    """Seeded requests' drafts come from generators of their own: the same seeds give the same outputs."""
+    first, second = samples["seeded twice"]
+    assert first == second
 
 
 def test_the_test_tells_temperatures_apart(samples: dict[str, Any]) -> None:

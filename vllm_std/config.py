@@ -50,6 +50,11 @@ class STDConfig(BaseModel):
     the whole context, as many blocks as STD keeps, text or not); "recent_visual" keeps all text and the K
     most recent visual blocks; "random" keeps all text and K random visual blocks per layer."""
 
+    draft_probs: bool = True
+    """For sampled requests (temperature > 0), draw each draft from the drafter's own distribution (the
+    request's temperature, top-k and top-p applied) and verify it against that distribution: exact, and
+    accepted far more often than an argmax draft, which vLLM verifies as certain. Greedy requests are not
+    affected. Off: argmax drafts for every request."""
     adaptive: bool = True
     """Choose each request's gamma (0 to num_speculative_tokens) at every step from the cost model and the
     request's acceptance so far, drafting nothing where no gamma is predicted to beat plain decoding."""
@@ -140,6 +145,7 @@ _ALLOWED = {
     "method": '"std"',
     "selection": '"attention" (STD), or the baselines "streaming", "recent_visual" and "random"',
     "adaptive": "true or false",
+    "draft_probs": "true or false",
     "probe_interval": "an integer >= 1 (steps)",
     "min_gain": "a number from 0 to 1 (0.1: draft only where 10 % faster is predicted)",
     "cost_profile": "the path of a JSON file written by `vllm-std calibrate`",

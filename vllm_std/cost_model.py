@@ -18,6 +18,10 @@ never assumed.
 In a batch the rounds are shared: every request waits for the batch's longest draft and for the one verify
 step, so a draft length is chosen for the batch (`CostModel.plan`): per request, the lengths that maximise
 the batch's predicted tokens per second, none unless that beats plain decoding.
+
+A request may also have a look-up draft (tokens that followed the same n-gram earlier in its prompt or
+output): it costs no draft step, only its share of the verify step, and has an acceptance of its own.
+`CostModel.plan_rounds` chooses per request between none, a sparse draft and a look-up draft.
 """
 
 import dataclasses
@@ -33,6 +37,18 @@ PROFILE_FORMAT = "vllm-std cost profile v1"
 RoundRow = tuple[float, float, Sequence[float] | None]
 """One request of a batch's round: its context, the context its drafter reads, and its conditional acceptance
 per draft position (None for a request that cannot draft this round)."""
+
+LookupRow = tuple[int, Sequence[float]] | None
+"""A request's look-up draft this round: how many tokens it holds, and their conditional acceptance per
+position (None: the request has none)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """Per request: how many tokens it drafts this round, and whether they are its look-up draft."""
+
+    gammas: list[int]
+    looked_up: list[bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +174,10 @@ class CostModel:
             return float(self.verify.at_lengths(context, np.asarray(drafts)))
         return float(self.dense.share(context))
 
-    def _round_fixed(self, longest: int) -> float:
-        """A round's seconds that no request owns: the target step's fixed part and each draft step's."""
-        if longest == 0:
+    def _round_fixed(self, longest: int, verifying: bool | None = None) -> float:
+        """A round's seconds that no request owns: the target step's fixed part and each draft step's (a
+        round with look-up drafts only verifies after no draft step)."""
+        if not (longest if verifying is None else verifying):
             return self.dense.fixed
         return self.verify.fixed + longest * self.draft.fixed
 
@@ -184,10 +201,45 @@ class CostModel:
         seconds[can, 1:] = self.verify.at_lengths(context[can, None], gammas) + drafting_seconds
         return tokens, seconds
 
-    def rate(self, rows: Sequence[RoundRow], gammas: Sequence[int]) -> float:
-        """Predicted tokens per second of a batch whose requests draft `gammas` this round."""
-        tokens, seconds = self._round_terms(rows, max(gammas, default=0))
-        return self._rate(tokens, seconds, np.asarray(gammas, dtype=int))
+    def _options(
+        self, rows: Sequence[RoundRow], max_gamma: int, lookups: Sequence[LookupRow] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row, its choices this round: none, a sparse draft of 1..max_gamma tokens, a look-up draft of
+        1..max_gamma tokens (the last only with `lookups`): the tokens each yields and its share of the
+        round's seconds (infinite where the row cannot), and the draft steps each needs."""
+        tokens, seconds = self._round_terms(rows, max_gamma)
+        steps = np.arange(max_gamma + 1)
+        if lookups is None or max_gamma == 0:
+            return tokens, seconds, steps
+        found = [(i, lookup) for i, lookup in enumerate(lookups) if lookup is not None and lookup[0] > 0]
+        looked_tokens = np.ones((len(rows), max_gamma))
+        looked_seconds = np.full((len(rows), max_gamma), np.inf)
+        lengths = np.arange(1, max_gamma + 1)
+        for i, (length, accepted_at) in found:
+            looked_tokens[i] += np.cumsum(np.cumprod(_padded(accepted_at, max_gamma)))
+            usable = lengths <= length
+            looked_seconds[i, usable] = self.verify.at_lengths(rows[i][0], lengths[usable])
+        return (
+            np.concatenate([tokens, looked_tokens], axis=1),
+            np.concatenate([seconds, looked_seconds], axis=1),
+            np.concatenate([steps, np.zeros(max_gamma, dtype=int)]),
+        )
+
+    def rate(
+        self,
+        rows: Sequence[RoundRow],
+        gammas: Sequence[int],
+        lookups: Sequence[LookupRow] | None = None,
+        looked_up: Sequence[bool] | None = None,
+    ) -> float:
+        """Predicted tokens per second of a batch whose requests draft `gammas` this round (with `looked_up`,
+        those marked from their look-up drafts `lookups`)."""
+        max_gamma = max(gammas, default=0)
+        tokens, seconds, steps = self._options(rows, max_gamma, lookups if looked_up else None)
+        choice = np.asarray(gammas, dtype=int)
+        if looked_up:
+            choice = np.where(np.asarray(looked_up) & (choice > 0), choice + max_gamma, choice)
+        return self._rate(tokens, seconds, steps, choice)
 
     def fewest_paying(
         self,
@@ -201,49 +253,77 @@ class CostModel:
         predicted rate to be more than `1 + min_gain` times that of `gammas` (0: none do). Together, since
         they share the round's verify step and every draft step's fixed part: in a batch of four, one
         request drafting alone pays for a whole round to speed up a quarter of the batch."""
-        tokens, seconds = self._round_terms(rows, max(max_gamma, *gammas))
+        tokens, seconds, steps = self._options(rows, max(max_gamma, *gammas), None)
         lengths = np.asarray(gammas, dtype=int)
-        without = self._rate(tokens, seconds, lengths)
+        without = self._rate(tokens, seconds, steps, lengths)
         for gamma in range(1, max_gamma + 1):
             lengths[list(probing)] = gamma
-            if self._rate(tokens, seconds, lengths) > without * (1 + min_gain):
+            if self._rate(tokens, seconds, steps, lengths) > without * (1 + min_gain):
                 return gamma
         return 0
 
-    def _rate(self, tokens: np.ndarray, seconds: np.ndarray, gammas: np.ndarray) -> float:
-        index = np.arange(len(gammas)), gammas
-        longest = int(gammas.max(initial=0))
-        return float(tokens[index].sum() / (self._round_fixed(longest) + seconds[index].sum()))
+    def _rate(self, tokens: np.ndarray, seconds: np.ndarray, steps: np.ndarray, choice: np.ndarray) -> float:
+        index = np.arange(len(choice)), choice
+        fixed = self._round_fixed(int(steps[choice].max(initial=0)), bool(choice.any()))
+        return float(tokens[index].sum() / (fixed + seconds[index].sum()))
 
     def plan(self, rows: Sequence[RoundRow], max_gamma: int, min_gain: float = 0.0) -> list[int]:
-        """Each request's draft length in 0..max_gamma maximising the batch's predicted tokens per second;
-        all 0 unless that beats plain decoding by more than `min_gain` (a margin for the model's own error:
-        a predicted gain of a few percent is as likely a loss). Exact, by Dinkelbach's method: at the best
-        rate so far r, each request independently maximises `tokens - r * seconds` for each cap on the
-        longest draft, and the best cap's lengths give a higher rate until none does."""
+        """Each request's sparse draft length in 0..max_gamma (`plan_rounds` without look-up drafts)."""
+        return self.plan_rounds(rows, max_gamma, min_gain).gammas
+
+    def plan_rounds(
+        self,
+        rows: Sequence[RoundRow],
+        max_gamma: int,
+        min_gain: float = 0.0,
+        lookups: Sequence[LookupRow] | None = None,
+    ) -> RoundPlan:
+        """Each request's draft this round, none, sparse (0..max_gamma tokens) or, with `lookups`, from its
+        look-up draft, maximising the batch's predicted tokens per second; none at all unless that beats
+        plain decoding by more than `min_gain` (a margin for the model's own error: a predicted gain of a
+        few percent is as likely a loss). Exact, by Dinkelbach's method: at the best rate so far r, each
+        request independently maximises `tokens - r * seconds` within each shape of round (a plain step;
+        a verify step after c draft steps, c = 0 for look-up drafts only), and the best shape's choices
+        give a higher rate until none does."""
         if not rows:
-            return []
-        tokens, seconds = self._round_terms(rows, max_gamma)
-        fixed = np.array([self._round_fixed(longest) for longest in range(max_gamma + 1)])
-        gammas = np.zeros(len(rows), dtype=int)
-        plain = best = self._rate(tokens, seconds, gammas)
+            return RoundPlan([], [])
+        tokens, seconds, steps = self._options(rows, max_gamma, lookups)
+        verifies = np.arange(tokens.shape[1]) > 0
+        # Round shapes: a plain step, then a verify step after c = 0..max_gamma draft steps. Each allows the
+        # choices of at most its draft steps, and needs a request to make one that gives it its shape (a
+        # verified draft; one of 1..c draft steps), else it is not that shape: where none would by itself,
+        # the request that loses least by it is made to.
+        caps = np.arange(max_gamma + 1)[:, None]
+        allowed = np.vstack([~verifies, steps <= caps])
+        needed = np.vstack(
+            [
+                np.zeros_like(verifies),
+                np.where(caps == 0, verifies & (steps == 0), (steps >= 1) & (steps <= caps)),
+            ]
+        )
+        fixed = np.array(
+            [self._round_fixed(0, False)] + [self._round_fixed(int(c), True) for c in caps[:, 0]]
+        )
+        choice = np.zeros(len(rows), dtype=int)
+        plain = best = self._rate(tokens, seconds, steps, choice)
         while True:
-            gain = tokens - best * seconds
-            upto = np.maximum.accumulate(gain, axis=1)  # [request, cap]: its best length up to the cap
-            # A cap >= 1 costs a verify step and draft steps only if some request drafts: where none would
-            # by itself, the one that loses least by drafting is made to.
-            drafting = np.maximum.accumulate(gain[:, 1:], axis=1) - upto[:, 1:]
-            by_cap = upto.sum(axis=0) - best * fixed
-            by_cap[1:] += drafting.max(axis=0)
-            cap = int(np.argmax(by_cap))
-            candidate = np.argmax(gain[:, : cap + 1], axis=1)
-            if cap and not candidate.any():
-                forced = int(np.argmax(drafting[:, cap - 1]))
-                candidate[forced] = 1 + int(np.argmax(gain[forced, 1 : cap + 1]))
-            rate = self._rate(tokens, seconds, candidate)
+            gain = tokens - best * seconds  # [request, choice]
+            within = np.where(allowed[:, None, :], gain[None], -np.inf)  # [shape, request, choice]
+            value = within.max(axis=2)
+            made = np.where(needed[:, None, :], gain[None], -np.inf).max(axis=2)
+            loss = np.where(needed.any(axis=1), (made - value).max(axis=1), 0.0)
+            shape = int(np.argmax(value.sum(axis=1) - best * fixed + loss))
+            candidate = np.argmax(within[shape], axis=1)
+            if needed[shape].any() and not needed[shape][candidate].any():
+                forced = int(np.argmax(made[shape] - value[shape]))
+                candidate[forced] = int(np.argmax(np.where(needed[shape], gain[forced], -np.inf)))
+            rate = self._rate(tokens, seconds, steps, candidate)
             if rate <= best * (1 + 1e-12):
-                return gammas.tolist() if best > plain * (1 + min_gain) else [0] * len(rows)
-            gammas, best = candidate, rate
+                if best <= plain * (1 + min_gain):
+                    choice[:] = 0
+                looked_up = choice > max_gamma
+                return RoundPlan(np.where(looked_up, choice - max_gamma, choice).tolist(), looked_up.tolist())
+            choice, best = candidate, rate
 
     def to_json(self) -> dict[str, Any]:
         return {"format": PROFILE_FORMAT, **dataclasses.asdict(self)}

@@ -42,7 +42,11 @@ The inventory, in the order it is applied:
 10. `GPUModelRunnerModelForwardPatch` (workers only, applied by `STDProposer.__init__`): every forward pass
    of the target runs inside the drafter's `target_step`, which plans what the attention hooks score and
    learns from the drafts it verifies, also when the step replays a CUDA graph (no hook runs then).
-11. `GPUWorkerWarmUpPatch` / `CPUWorkerWarmUpPatch` (workers only, the one for the platform, applied by
+11. `GPUModelRunnerProposeDraftTokenIdsPatch` (workers only, applied by `STDProposer.__init__`): vLLM 0.32
+   reads a drafter's draft probabilities (`take_last_draft_probs`) after its EAGLE-style drafters only; after
+   a `custom_class` drafter it verifies every draft as certain. The drafter's probabilities of its sampled
+   drafts go where the rejection sampler reads them, as they do for EAGLE.
+12. `GPUWorkerWarmUpPatch` / `CPUWorkerWarmUpPatch` (workers only, the one for the platform, applied by
    `STDProposer.__init__`): after vLLM's warm-up and CUDA-graph capture, the drafter's start-up self-check
    and cost calibration run, before the engine takes a request.
 
@@ -371,6 +375,55 @@ class GPUModelRunnerTakeDraftTokenIdsPatch(VLLMPatch):
         return take_draft_token_ids
 
 
+class GPUModelRunnerProposeDraftTokenIdsPatch(VLLMPatch):
+    """After a `custom_class` drafter proposes, its draft probabilities (if it kept any) are stored as vLLM
+    stores an EAGLE drafter's, by request: the next step's `_get_spec_decode_draft_probs` hands the rejection
+    sampler each verified request's rows."""
+
+    target_module = "vllm.v1.worker.gpu_model_runner"
+    target_class = "GPUModelRunner"
+    target_method = "propose_draft_token_ids"
+    expected_params = (
+        "self",
+        "scheduler_output",
+        "sampled_token_ids",
+        "sampling_metadata",
+        "hidden_states",
+        "sample_hidden_states",
+        "aux_hidden_states",
+        "spec_decode_metadata",
+        "common_attn_metadata",
+        "slot_mappings",
+    )
+    # How the runner reads the stored probabilities: by request id, then the request's first drafts.
+    READER = "_get_spec_decode_draft_probs"
+    READ = "self._draft_probs[row_idx, :num_draft]"
+
+    @classmethod
+    def check(cls) -> None:
+        super().check()
+        reader = getattr(cls.owner(), cls.READER, None)
+        if reader is None or cls.READ not in inspect.getsource(inspect.unwrap(reader)):
+            raise PatchTargetChanged(
+                f"{cls.target_module}.{cls.target_class}.{cls.READER} no longer reads draft probabilities "
+                f"as {cls.READ!r}"
+            )
+
+    @classmethod
+    def wrap(cls, original: Callable) -> Callable:
+        def propose_draft_token_ids(self, *args, **kwargs):
+            drafts = original(self, *args, **kwargs)
+            take = getattr(self.drafter, "take_last_draft_probs", None)
+            if take is not None and self.speculative_config.method == "custom_class":
+                probs = take()
+                if probs is not None:
+                    self._draft_probs = probs
+                    self._draft_prob_req_ids = self.input_batch.req_ids.copy()
+            return drafts
+
+        return propose_draft_token_ids
+
+
 class GPUModelRunnerModelForwardPatch(VLLMPatch):
     """Each forward pass of the target runs inside the drafter's `target_step`, which plans what the layer
     hooks capture in it and closes that plan after. Planned from the runner, not from a layer: a step
@@ -498,6 +551,7 @@ WORKER_PATCHES: tuple[type[VLLMPatch], ...] = (
     GPUModelRunnerPrepareInputsWithoutDraftsPatch,
     GPUModelRunnerTakeDraftTokenIdsPatch,
     GPUModelRunnerModelForwardPatch,
+    GPUModelRunnerProposeDraftTokenIdsPatch,
     GPUWorkerWarmUpPatch,
     CPUWorkerWarmUpPatch,
 )

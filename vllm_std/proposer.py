@@ -25,6 +25,7 @@ from vllm_std.calibration import StartupCalibration, StepOverhead
 from vllm_std.capture import PrefillScorer
 from vllm_std.config import STDConfig, unsupported
 from vllm_std.cost_model import CostModel
+from vllm_std.draft_sampler import DraftSampler
 from vllm_std.draft_step import DraftRequest, draft_step_inputs
 from vllm_std.engine_checks import refused_compilation
 from vllm_std.gamma_policy import Decision, GammaPolicy
@@ -76,6 +77,10 @@ class STDProposer:
         self._verifying: dict[str, int] = {}  # drafts each request verifies in the step being run
         self._step_rows: list[tuple[float, int]] | None = None
         self._round_end: float | None = None
+        # The last round's draft probabilities for vLLM's rejection sampler (`take_last_draft_probs`), and
+        # the generator its unseeded draws come from, seeded alike on every rank.
+        self._draft_probs: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
 
     def load_model(self, target_model: Any) -> None:
         """Nothing to load: the drafter shares the target's weights and KV cache."""
@@ -98,6 +103,7 @@ class STDProposer:
         )
         for index, layer in enumerate(view.layers):
             self._hook(layer.impl, index)
+        self._generator = torch.Generator(device=view.device).manual_seed(view.seed)
         self.view = view
 
     def after_warm_up(self) -> None:
@@ -312,9 +318,11 @@ class STDProposer:
     ) -> list[list[int]]:
         """Draft token ids per request, in the runner's batch order (`[]` where nothing is drafted). A fault
         while drafting gives the step no drafts and its drafting requests none from then on."""
+        self._draft_probs = None
         try:
             return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         except Exception as exc:
+            self._draft_probs = None
             self._drafted = False
             self._round_end = time.perf_counter()
             try:
@@ -344,12 +352,20 @@ class STDProposer:
             return drafts
         tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
         start = time.perf_counter()
-        for step in range(max(r.num_drafts for r in requests)):
+        steps = max(r.num_drafts for r in requests)
+        sampler = self._sampler(requests, len(sampled_token_ids), steps)
+        for step in range(steps):
             active = [i for i, r in enumerate(requests) if r.num_drafts > step]
-            next_tokens = self._draft_step([requests[i] for i in active], tokens[active], step)
+            logits = self._draft_step([requests[i] for i in active], tokens[active], step)
+            if sampler is None:
+                next_tokens = logits.argmax(dim=-1).cpu()
+            else:
+                positions = [requests[i].position(step) for i in active]
+                next_tokens = sampler.sample(logits, active, step, positions)
             for i, token in zip(active, next_tokens.tolist(), strict=True):
                 drafts[requests[i].row].append(token)
             tokens[active] = next_tokens
+        self._draft_probs = None if sampler is None else sampler.probs
         self._round_end = time.perf_counter()
         if self.metrics is not None:
             self.metrics.draft_seconds.observe(self._round_end - start)
@@ -454,8 +470,26 @@ class STDProposer:
         self._priced_steps += 1
         return self._priced
 
+    def _sampler(self, requests: list[DraftRequest], num_rows: int, steps: int) -> DraftSampler | None:
+        """The round's draws of sampled requests' drafts (None with `draft_probs` off: argmax drafts, which
+        vLLM verifies as certain)."""
+        assert self.view is not None and self._generator is not None
+        if not self.config.draft_probs:
+            return None
+        batch = self.view.batch_req_ids()
+        seeds = [self.view.sampling_seed(batch[r.row]) for r in requests]
+        metadata = self.view.sampling_metadata
+        return DraftSampler(metadata, [r.row for r in requests], seeds, num_rows, steps, self._generator)
+
+    def take_last_draft_probs(self) -> torch.Tensor | None:
+        """The last round's draft probabilities, `[batch rows, drafts, vocab]`, or None where no drafting
+        request samples; vLLM's runner reads them once (`GPUModelRunnerProposeDraftTokenIdsPatch`) and its
+        rejection sampler verifies the drafts with them."""
+        probs, self._draft_probs = self._draft_probs, None
+        return probs
+
     def _draft_step(self, requests: list[DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """The logits of one draft step over the requests' compacted views."""
         assert self.view is not None and self.adapter is not None
         inputs = draft_step_inputs(self.view, self.adapter, requests, step)
-        logits = self.view.draft_logits(tokens, inputs.positions, inputs.slots, inputs.metadata)
-        return logits.argmax(dim=-1).cpu()
+        return self.view.draft_logits(tokens, inputs.positions, inputs.slots, inputs.metadata)

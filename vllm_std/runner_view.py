@@ -78,6 +78,20 @@ class RunnerView:
         max_tokens = getattr(state.sampling_params, "max_tokens", None)
         return self.max_model_len if max_tokens is None else max_tokens - len(state.output_token_ids)
 
+    def sampling_seed(self, req_id: str) -> int | None:
+        """The request's own `seed`, if it sets one."""
+        return getattr(self.runner.requests[req_id].sampling_params, "seed", None)
+
+    @property
+    def sampling_metadata(self) -> Any:
+        """The batch's sampling parameters as vLLM's sampler read them in the step just run (row order)."""
+        return self.runner.input_batch.sampling_metadata
+
+    @property
+    def seed(self) -> int:
+        """The engine's seed (the same on every rank)."""
+        return self.vllm_config.model_config.seed or 0
+
     def num_prompt_tokens(self, req_id: str) -> int:
         return self.runner.requests[req_id].num_prompt_tokens
 

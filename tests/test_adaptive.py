@@ -29,6 +29,8 @@ FREE_DRAFTS = CostModel(
 COSTLY_VERIFY = dataclasses.replace(
     FREE_DRAFTS, verify=VerifyCost(1e3 * DENSE.fixed, 0.0, 1e3 * DENSE.per_context_token, 0.0)
 )
+COSTLY_DRAFTS = dataclasses.replace(FREE_DRAFTS, draft=StepCost(1e3 * DENSE.fixed, 0.0, 0.0))
+"""A draft step costs a thousand dense steps, a verify step one: only look-up drafts can pay."""
 
 
 def baseline() -> list[list[int]]:
@@ -92,3 +94,21 @@ def test_where_verify_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
     # plan without planning.
     assert std["requests_scored"] == 5
     assert decisions["not_paying"] == std["gamma"][0] == 5 * GREEDY.max_tokens
+
+
+def test_where_draft_steps_cannot_pay_look_up_drafts_still_do(tmp_path: Path) -> None:
+    """Look-up drafts cost no draft step: where the sparse drafter cannot pay, the requests whose output
+    repeats draft from their own text, and only from it; with `lookup` off nothing is drafted."""
+    spec = {
+        "method": "std",
+        "num_speculative_tokens": GAMMA,
+        "cost_profile": _profile(tmp_path, COSTLY_DRAFTS),
+    }
+    outputs, counters, std, _ = _run(spec)
+    assert outputs == baseline()
+    assert std["draft_tokens"].get("sparse", 0) == 0
+    assert std["draft_tokens"]["lookup"] == counters["num_draft_tokens"] > 0
+    assert std["gamma_decisions"]["paying"] > 0
+    outputs, counters, std, _ = _run({**spec, "lookup": False})
+    assert outputs == baseline()
+    assert counters.get("num_drafts", 0) == 0 and sum(std["draft_tokens"].values()) == 0

@@ -106,6 +106,7 @@ def test_to_additional_config_excludes_method_and_gamma() -> None:
         "selection": "attention",
         "draft_probs": True,
         "adaptive": True,
+        "lookup": True,
         "probe_interval": 16,
         "min_gain": 0.1,
         "cost_profile": None,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_cost_model import CPU_VERIFY, DENSE, cost_models, situations
 
 from vllm_std.calibration import StepOverhead
-from vllm_std.cost_model import CostModel, RoundRow, VerifyCost
+from vllm_std.cost_model import CostModel, LookupRow, RoundPlan, RoundRow, VerifyCost
 from vllm_std.gamma_policy import NOT_PAYING, AcceptanceTracker, Decision, GammaPolicy
 
 # A CPU-like engine: extra verify queries cost (query_growth 0.6), drafting reads 1/20 of the context.
@@ -207,9 +207,15 @@ def test_a_new_request_probes_at_once() -> None:
 class _CountingPlans(CostModel):
     plans = 0
 
-    def plan(self, rows: Sequence[RoundRow], max_gamma: int, min_gain: float = 0.0) -> list[int]:
+    def plan_rounds(
+        self,
+        rows: Sequence[RoundRow],
+        max_gamma: int,
+        min_gain: float = 0.0,
+        lookups: Sequence[LookupRow] | None = None,
+    ) -> RoundPlan:
         type(self).plans += 1
-        return super().plan(rows, max_gamma, min_gain)
+        return super().plan_rounds(rows, max_gamma, min_gain, lookups)
 
 
 def test_idle_requests_probe_together_and_idle_plans_are_rechecked() -> None:
@@ -376,3 +382,23 @@ def test_cost_profile_round_trip(tmp_path: Path) -> None:
     path.write_text(json.dumps({"dense": {}}))
     with pytest.raises(ValueError, match="not a 'vllm-std cost profile v1' file"):
         CostModel.load(path)
+
+
+def test_look_up_drafts_are_chosen_by_their_own_acceptance() -> None:
+    """Each request's look-up drafts have an acceptance of their own: a request whose look-ups are rejected
+    stops taking them, while one whose look-ups are accepted keeps drafting from them, not from the sparse
+    drafter (whose draft steps cost more for the same acceptance)."""
+    policy = GammaPolicy(max_gamma=6, probe_interval=16, min_gain=0.1)
+    for _ in range(8):
+        policy.record("copies", 6, 6, looked_up=True)
+        policy.record("invents", 6, 0, looked_up=True)
+        policy.record("copies", 6, 6)
+        policy.record("invents", 6, 6)
+    assert policy.accepted_at("copies", looked_up=True)[0] > 0.9
+    assert policy.accepted_at("invents", looked_up=True)[0] < 0.1 < 0.9 < policy.accepted_at("invents")[0]
+    drafting = [("copies", CONTEXT, SPARSE), ("invents", CONTEXT, SPARSE)]
+    copies, invents = policy.decide(CPU, drafting, [], lookups=[6, 6])
+    assert copies.looked_up and copies.gamma == 6 and copies.reason == "paying"
+    assert not invents.looked_up
+    # Without look-up drafts found, both draft sparse.
+    assert not any(d.looked_up for d in policy.decide(CPU, drafting, [], lookups=[0, 0]))

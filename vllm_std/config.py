@@ -58,6 +58,11 @@ class STDConfig(BaseModel):
     adaptive: bool = True
     """Choose each request's gamma (0 to num_speculative_tokens) at every step from the cost model and the
     request's acceptance so far, drafting nothing where no gamma is predicted to beat plain decoding."""
+    lookup: bool = True
+    """With `adaptive`, a request may draft, instead of with the sparse drafter, the tokens that followed the
+    same few tokens earlier in its own prompt or output (as vLLM's ngram method does): such a draft costs no
+    draft step, so where answers repeat or quote it is the cheaper draft. The cost model chooses between the
+    two per request and round, from each one's acceptance so far. Off: sparse drafts only."""
     probe_interval: Annotated[int, Field(ge=1)] = 16
     """With `adaptive`, a request that stopped drafting probes (drafts the fewest tokens that would pay if all
     were accepted) after this many steps, to notice when its acceptance has come back."""
@@ -146,6 +151,7 @@ _ALLOWED = {
     "selection": '"attention" (STD), or the baselines "streaming", "recent_visual" and "random"',
     "adaptive": "true or false",
     "draft_probs": "true or false",
+    "lookup": "true or false",
     "probe_interval": "an integer >= 1 (steps)",
     "min_gain": "a number from 0 to 1 (0.1: draft only where 10 % faster is predicted)",
     "cost_profile": "the path of a JSON file written by `vllm-std calibrate`",

@@ -129,6 +129,14 @@ def tokens_by_length(accepted_at: Sequence[float], max_gamma: int) -> np.ndarray
     return np.concatenate(([1.0], 1.0 + np.cumsum(np.cumprod(accepted))))
 
 
+def _choices(gammas: Sequence[int], looked_up: Sequence[bool] | None, max_gamma: int) -> np.ndarray:
+    """Draft lengths as indices into `CostModel._options`' columns (look-up drafts after the sparse ones)."""
+    choice = np.asarray(gammas, dtype=int)
+    if looked_up is None:
+        return choice.copy()
+    return np.where(np.asarray(looked_up) & (choice > 0), choice + max_gamma, choice)
+
+
 def _padded(accepted_at: Sequence[float], length: int) -> list[float]:
     """`accepted_at` cut or extended to `length` positions (repeating its last value; 0 if it is empty)."""
     known = list(accepted_at[:length])
@@ -235,11 +243,8 @@ class CostModel:
         """Predicted tokens per second of a batch whose requests draft `gammas` this round (with `looked_up`,
         those marked from their look-up drafts `lookups`)."""
         max_gamma = max(gammas, default=0)
-        tokens, seconds, steps = self._options(rows, max_gamma, lookups if looked_up else None)
-        choice = np.asarray(gammas, dtype=int)
-        if looked_up:
-            choice = np.where(np.asarray(looked_up) & (choice > 0), choice + max_gamma, choice)
-        return self._rate(tokens, seconds, steps, choice)
+        tokens, seconds, steps = self._options(rows, max_gamma, lookups)
+        return self._rate(tokens, seconds, steps, _choices(gammas, looked_up, max_gamma))
 
     def fewest_paying(
         self,
@@ -248,17 +253,21 @@ class CostModel:
         probing: Sequence[int],
         max_gamma: int,
         min_gain: float = 0.0,
+        lookups: Sequence[LookupRow] | None = None,
+        looked_up: Sequence[bool] | None = None,
     ) -> int:
-        """The fewest drafts, up to `max_gamma`, that the rows `probing` all draft together for the batch's
-        predicted rate to be more than `1 + min_gain` times that of `gammas` (0: none do). Together, since
-        they share the round's verify step and every draft step's fixed part: in a batch of four, one
-        request drafting alone pays for a whole round to speed up a quarter of the batch."""
-        tokens, seconds, steps = self._options(rows, max(max_gamma, *gammas), None)
-        lengths = np.asarray(gammas, dtype=int)
-        without = self._rate(tokens, seconds, steps, lengths)
+        """The fewest sparse drafts, up to `max_gamma`, that the rows `probing` all draft together for the
+        batch's predicted rate to be more than `1 + min_gain` times that of `gammas` (0: none do; the others
+        drafting as `rate` says). Together, since they share the round's verify step and every draft
+        step's fixed part: in a batch of four, one request drafting alone pays for a whole round to speed
+        up a quarter of the batch."""
+        longest = max(max_gamma, *gammas)
+        tokens, seconds, steps = self._options(rows, longest, lookups)
+        choice = _choices(gammas, looked_up, longest)
+        without = self._rate(tokens, seconds, steps, choice)
         for gamma in range(1, max_gamma + 1):
-            lengths[list(probing)] = gamma
-            if self._rate(tokens, seconds, steps, lengths) > without * (1 + min_gain):
+            choice[list(probing)] = gamma
+            if self._rate(tokens, seconds, steps, choice) > without * (1 + min_gain):
                 return gamma
         return 0
 
@@ -311,7 +320,8 @@ class CostModel:
             within = np.where(allowed[:, None, :], gain[None], -np.inf)  # [shape, request, choice]
             value = within.max(axis=2)
             made = np.where(needed[:, None, :], gain[None], -np.inf).max(axis=2)
-            loss = np.where(needed.any(axis=1), (made - value).max(axis=1), 0.0)
+            loss = (made - value).max(axis=1)  # -inf: no request can give the round its shape
+            loss[0] = 0.0  # a plain step needs nothing
             shape = int(np.argmax(value.sum(axis=1) - best * fixed + loss))
             candidate = np.argmax(within[shape], axis=1)
             if needed[shape].any() and not needed[shape][candidate].any():

@@ -26,66 +26,69 @@ SAMPLING_EPS = 1e-5
 
 
 class DraftSampler:
-    """One round's draws for the drafting requests (`rows`: each one's row of the runner's batch), and, if
-    any of them samples, the probabilities of every draft, `[batch rows, drafts, vocab]` in the runner's row
-    order: what the rejection sampler reads as `draft_probs` (rows and positions not drafted stay 0)."""
+    """One round's draws for the drafting requests (`seeds`: each one's own seed, by its row of the runner's
+    batch), and, once any of them samples, the probabilities of every draft, `[batch rows, drafts, vocab]`
+    in the runner's row order: what the rejection sampler reads as `draft_probs` (rows and positions not
+    drafted stay 0; greedy requests' are not read)."""
 
     def __init__(
         self,
         metadata: Any,
-        rows: Sequence[int],
-        seeds: Sequence[int | None],
+        seeds: dict[int, int | None],
         num_rows: int,
         max_drafts: int,
         generator: torch.Generator,
     ) -> None:
-        self.rows = list(rows)
-        self.seeds = list(seeds)
+        self.seeds = seeds
         self.generator = generator
-        temperature = None if metadata.all_greedy else metadata.temperature
+        self.num_rows, self.max_drafts = num_rows, max_drafts
         self.probs: torch.Tensor | None = None
-        self.sampled: list[bool] = [False] * len(self.rows)
+        temperature = None if metadata.all_greedy else metadata.temperature
+        self.sampled: set[int] = set()
         if temperature is None:
             return
-        index = torch.tensor(self.rows, device=temperature.device)
-        self.temperature = temperature[index].float()
-        self.sampled = (self.temperature >= SAMPLING_EPS).tolist()
-        if not any(self.sampled):
-            return
-        self.top_k = None if metadata.top_k is None else metadata.top_k[index]
-        self.top_p = None if metadata.top_p is None else metadata.top_p[index]
-        self.num_rows, self.max_drafts = num_rows, max_drafts
-        self.device = temperature.device
+        rows = torch.tensor(sorted(seeds), dtype=torch.long)
+        self.sampled = set(rows[temperature.cpu()[rows] >= SAMPLING_EPS].tolist())
+        self.temperature, self.top_k, self.top_p = temperature, metadata.top_k, metadata.top_p
 
     def sample(
-        self, logits: torch.Tensor, active: Sequence[int], step: int, positions: Sequence[int]
+        self, logits: torch.Tensor, rows: Sequence[int], step: int, positions: Sequence[int]
     ) -> torch.Tensor:
-        """The drafts of one draft step (on the CPU) from its logits, one row per request `active[j]` (an
-        index into `rows`) at model position `positions[j]`: argmax for greedy requests, a draw from the
-        processed distribution for sampled ones, whose probabilities are kept at draft `step`."""
+        """The drafts of one draft step (on the CPU) from its logits, one row per request of batch row
+        `rows[j]` at model position `positions[j]`: argmax for greedy requests, a draw from the processed
+        distribution for sampled ones, whose probabilities are kept at draft `step`."""
         tokens = logits.argmax(dim=-1)
-        picked = [j for j, i in enumerate(active) if self.sampled[i]]
+        picked = [j for j, row in enumerate(rows) if row in self.sampled]
         if not picked:
             return tokens.cpu()
-        requests = [active[j] for j in picked]
-        probs = self._probabilities(logits[picked], requests)
+        batch_rows = [rows[j] for j in picked]
+        probs = self._probabilities(logits[picked], batch_rows)
         noise = torch.empty_like(probs)
-        for row, (i, j) in enumerate(zip(requests, picked, strict=True)):
-            seed = self.seeds[i]
+        for i, (row, j) in enumerate(zip(batch_rows, picked, strict=True)):
+            seed = self.seeds[row]
             own = None if seed is None else _position_generator(seed, positions[j], probs.device)
-            noise[row].exponential_(generator=own or self.generator)
+            noise[i].exponential_(generator=own or self.generator)
         tokens[picked] = probs.div(noise).argmax(dim=-1)
-        if self.probs is None:
-            self.probs = torch.zeros(self.num_rows, self.max_drafts, probs.shape[-1], device=probs.device)
-        self.probs[[self.rows[i] for i in requests], step] = probs
+        self._kept(probs.shape[-1], probs.device)[batch_rows, step] = probs
         return tokens.cpu()
 
-    def _probabilities(self, logits: torch.Tensor, requests: list[int]) -> torch.Tensor:
+    def certain(self, row: int, tokens: Sequence[int]) -> None:
+        """Drafts not drawn from the drafter (a look-up draft): probability 1 each, as vLLM takes drafts
+        without probabilities, once the round keeps probabilities at all."""
+        if self.probs is not None and row in self.sampled:
+            self.probs[row, torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+
+    def _kept(self, vocab: int, device: torch.device) -> torch.Tensor:
+        if self.probs is None:
+            self.probs = torch.zeros(self.num_rows, self.max_drafts, vocab, device=device)
+        return self.probs
+
+    def _probabilities(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """The requests' distributions as vLLM's sampler would make them of these logits."""
         from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-        index = torch.tensor(requests, device=self.temperature.device)
-        scaled = logits.float() / self.temperature[index].unsqueeze(-1)
+        index = torch.tensor(rows, device=self.temperature.device)
+        scaled = logits.float() / self.temperature[index].to(logits.device).unsqueeze(-1)
         top_k = None if self.top_k is None else self.top_k[index]
         top_p = None if self.top_p is None else self.top_p[index]
         return apply_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)

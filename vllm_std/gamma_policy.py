@@ -3,7 +3,9 @@ where none pays by more than a margin (`min_gain`, for the model's own error). P
 the decisions can be tested on synthetic costs and acceptance.
 
 A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
-changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it.
+changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it. Its
+look-up drafts (`vllm_std.lookup`) have an acceptance of their own, learnt alike, and the cost model
+chooses per request and round between none, a sparse draft and the look-up draft found.
 
 Requests that stopped drafting probe together, in one round every `probe_interval` steps, so that they
 notice when drafting would pay again; they share the round's verify step. Each probe round doubles the
@@ -22,7 +24,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
-from vllm_std.cost_model import CostModel, RoundRow
+from vllm_std.cost_model import CostModel, LookupRow, RoundRow
 
 Reason = Literal["fixed", "paying", "probe", "not_paying"]
 """Why a request got its draft length this step (the `decision` label of `vllm:std_gamma_decisions_total`)."""
@@ -64,6 +66,7 @@ class AcceptanceTracker:
 class Decision:
     gamma: int
     reason: Reason
+    looked_up: bool = False  # the request drafts `gamma` tokens of its look-up draft, not sparse ones
 
 
 NOT_PAYING = Decision(0, "not_paying")
@@ -92,6 +95,9 @@ class GammaPolicy:
         self.min_gain = min_gain
         self.engine = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
         self.requests: dict[str, AcceptanceTracker] = {}
+        # The same, of look-up drafts.
+        self.engine_lookup = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
+        self.lookups: dict[str, AcceptanceTracker] = {}
         self._wait = probe_interval  # steps between probe rounds
         self._since_probe = 0
         self._seen: set[str] = set()
@@ -101,9 +107,15 @@ class GammaPolicy:
         self._idle_batch: tuple[tuple[str, ...], int] | None = None  # a batch whose plan was all zeros
         self._idle_age = 0
 
-    def record(self, req_id: str, drafted: int, accepted: int) -> None:
-        """The outcome of a verified round: `accepted` of the `drafted` tokens."""
+    def record(self, req_id: str, drafted: int, accepted: int, looked_up: bool = False) -> None:
+        """The outcome of a verified round: `accepted` of the `drafted` tokens (of its look-up draft)."""
         if drafted <= 0:
+            return
+        if looked_up:
+            self.engine_lookup.update(drafted, accepted)
+            tracker = self.lookups.setdefault(req_id, AcceptanceTracker(self.max_gamma, self.REQUEST_DECAY))
+            tracker.update(drafted, accepted)
+            self._idle_batch = None
             return
         self.engine.update(drafted, accepted)
         tracker = self.requests.setdefault(req_id, AcceptanceTracker(self.max_gamma, self.REQUEST_DECAY))
@@ -120,18 +132,21 @@ class GammaPolicy:
         """Drops what is kept about the requests `req_ids` (vLLM dropped them)."""
         for req_id in req_ids:
             self.requests.pop(req_id, None)
+            self.lookups.pop(req_id, None)
             self._again.pop(req_id, None)
         self._seen -= req_ids
         self._probing -= req_ids
 
     def forget(self, live_req_ids: set[str]) -> None:
         """Drops what is kept about every request but `live_req_ids`."""
-        self.release({*self.requests, *self._seen, *self._probing, *self._again} - live_req_ids)
+        known = {*self.requests, *self.lookups, *self._seen, *self._probing, *self._again}
+        self.release(known - live_req_ids)
 
-    def accepted_at(self, req_id: str) -> list[float]:
-        """The request's conditional acceptance per draft position (the engine's until it has rounds)."""
-        engine = self.engine.estimate(0.5, 1.0)
-        tracker = self.requests.get(req_id)
+    def accepted_at(self, req_id: str, looked_up: bool = False) -> list[float]:
+        """The request's conditional acceptance per draft position, of sparse or of look-up drafts (the
+        engine's until it has rounds)."""
+        engine = (self.engine_lookup if looked_up else self.engine).estimate(0.5, 1.0)
+        tracker = (self.lookups if looked_up else self.requests).get(req_id)
         return tracker.estimate(engine[0], self.PRIOR_STRENGTH) if tracker else engine
 
     def decide(
@@ -140,23 +155,34 @@ class GammaPolicy:
         drafting: Sequence[tuple[str, float, float]],
         others: Sequence[float],
         probe_cost: CostModel | None = None,
+        lookups: Sequence[int] | None = None,
     ) -> list[Decision]:
         """Draft lengths for the requests `(req_id, context, sparse context)` that may draft this step, in
-        a batch that also holds requests of contexts `others` that may not: the lengths that maximise the
-        batch's predicted tokens per second if that beats plain decoding by more than `min_gain`
-        (`CostModel.plan`), then probes for the requests left out, those of a due probe round sized by
-        `probe_cost` (the step costs without what rounds were measured to cost beyond their forward
-        passes; `cost` if None)."""
+        a batch that also holds requests of contexts `others` that may not: the drafts (sparse, or of the
+        `lookups[i]` tokens request i found to look up) that maximise the batch's predicted tokens per
+        second if that beats plain decoding by more than `min_gain` (`CostModel.plan_rounds`), then probes
+        of the sparse drafter for the requests left out, those of a due probe round sized by `probe_cost`
+        (the step costs without what rounds were measured to cost beyond their forward passes; `cost` if
+        None)."""
         batch = (tuple(req_id for req_id, *_ in drafting), len(others))
-        if batch == self._idle_batch and self.idle_steps_ahead():
+        found = lookups is not None and any(lookups)
+        if batch == self._idle_batch and self.idle_steps_ahead() and not found:
             self.repeat_idle()
             return [NOT_PAYING] * len(drafting)
         self._since_probe += 1
         due = self._since_probe >= self._wait
         rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
         rows += [(n, n, None) for n in others]
-        gammas = cost.plan(rows, self.max_gamma, self.min_gain)
-        self._idle_batch, self._idle_age = (None if any(gammas) else batch), 1
+        lookup_rows: list[LookupRow] | None = None
+        if found:
+            assert lookups is not None
+            lookup_rows = [
+                (length, self.accepted_at(req_id, looked_up=True)) if length else None
+                for (req_id, *_), length in zip(drafting, lookups, strict=True)
+            ] + [None] * len(others)
+        planned = cost.plan_rounds(rows, self.max_gamma, self.min_gain, lookup_rows)
+        gammas, looked_up = planned.gammas, planned.looked_up
+        self._idle_batch, self._idle_age = (None if any(gammas) or found else batch), 1
         paying = [g > 0 for g in gammas]
         first_or_again: list[int] = []  # probe if that pays by the measured costs
         due_only: list[int] = []  # a due probe round's, sized without a round's measured overheads
@@ -178,12 +204,13 @@ class GammaPolicy:
         # A due probe round re-measures a round's costs too; a request's first probe and the longer ones
         # after accepted probes must pay by the measured costs (else accepted probes would chain on where
         # drafting does not pay).
-        self._probe(cost, rows, gammas, first_or_again, grow)
-        self._probe(probe_cost or cost, rows, gammas, due_only, {})
+        drafted = (lookup_rows, looked_up)
+        self._probe(cost, rows, gammas, first_or_again, grow, drafted)
+        self._probe(probe_cost or cost, rows, gammas, due_only, {}, drafted)
         decisions = []
         for i, (req_id, *_) in enumerate(drafting):
             if paying[i]:
-                decisions.append(Decision(gammas[i], "paying"))
+                decisions.append(Decision(gammas[i], "paying", looked_up[i]))
             elif gammas[i]:
                 decisions.append(Decision(gammas[i], "probe"))
                 self._probing.add(req_id)
@@ -221,6 +248,7 @@ class GammaPolicy:
         gammas: list[int],
         probing: list[int],
         grow: dict[int, int],
+        drafted: tuple[Sequence[LookupRow] | None, list[bool]],
     ) -> None:
         """Sets the probes of the rows `probing` in `gammas`: the fewest drafts that, all drafted together,
         would speed the batch up by more than `min_gain` if every one were accepted (none where none
@@ -232,15 +260,15 @@ class GammaPolicy:
         hopeful = list(rows)
         for i in probing:
             hopeful[i] = (rows[i][0], rows[i][1], [1.0])
-        fewest = cost.fewest_paying(hopeful, gammas, probing, self.max_gamma, self.min_gain)
+        fewest = cost.fewest_paying(hopeful, gammas, probing, self.max_gamma, self.min_gain, *drafted)
         if not fewest:
             return
-        plain = cost.rate(hopeful, gammas) * (1 + self.min_gain)
+        plain = cost.rate(hopeful, gammas, *drafted) * (1 + self.min_gain)
         for i in probing:
             gammas[i] = fewest
         for i in probing:
             longer = min(grow.get(i, 0), self.max_gamma)
             if longer > fewest:
                 tried = [*gammas[:i], longer, *gammas[i + 1 :]]
-                if cost.rate(hopeful, tried) > plain:
+                if cost.rate(hopeful, tried, *drafted) > plain:
                     gammas[i] = longer

@@ -35,7 +35,15 @@ SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 FAULT_STAGES = ("planning", "scoring", "drafting", "self_check")
 """Where the drafter caught an exception (the `stage` label of `vllm:std_drafter_faults_total`); `self_check`:
 the start-up self-check failed and STD is off for the engine."""
-_LABELLED = {"requests_skipped": "reason", "gamma_decisions": "decision", "drafter_faults": "stage"}
+DRAFT_SOURCES = ("sparse", "lookup")
+"""Where a draft token came from (the `source` label of `vllm:std_draft_tokens_total`): the sparse drafter's
+forward passes, or the request's own text (`vllm_std.lookup`)."""
+_LABELLED = {
+    "requests_skipped": "reason",
+    "gamma_decisions": "decision",
+    "drafter_faults": "stage",
+    "draft_tokens": "source",
+}
 
 
 def spec_decode_counters(llm: Any) -> dict[str, Any]:
@@ -196,6 +204,14 @@ class STDMetrics:
             (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
 
+        sources = Counter(
+            "vllm:std_draft_tokens",
+            "Draft tokens proposed, by source: sparse (the sparse drafter's forward passes) or lookup (the "
+            "tokens that followed the same n-gram earlier in the request's prompt or output).",
+            [*names, "source"],
+            registry=None,
+        )
+        self.draft_tokens = {source: sources.labels(**labels, source=source) for source in DRAFT_SOURCES}
         self.gamma = histogram(
             "vllm:std_gamma",
             "Per drafting-eligible request and step, the draft length chosen (0: no drafts this step).",
@@ -235,6 +251,13 @@ class STDMetrics:
 
     def drafter_fault(self, stage: str) -> None:
         self.faults[stage].inc()
+
+    def drafts_proposed(self, sparse: int, lookup: int) -> None:
+        """One round's draft tokens, by source."""
+        if sparse:
+            self.draft_tokens["sparse"].inc(sparse)
+        if lookup:
+            self.draft_tokens["lookup"].inc(lookup)
 
     def gammas_chosen(self, decisions: Sequence[Decision]) -> None:
         """One step's decisions, each series written once per distinct decision (a write costs a few

@@ -12,6 +12,7 @@ reads the cache through compacted block tables, never changing a block.
 """
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from vllm_std.draft_sampler import DraftSampler
 from vllm_std.draft_step import DraftRequest, draft_step_inputs
 from vllm_std.engine_checks import refused_compilation
 from vllm_std.gamma_policy import Decision, GammaPolicy
+from vllm_std.lookup import LookupDrafter
 from vllm_std.metrics import STDMetrics
 from vllm_std.patches import WORKER_PATCHES
 from vllm_std.runner_view import RunnerView
@@ -36,6 +38,18 @@ from vllm_std.self_check import SelfCheckFailed, StartupSelfCheck
 
 # Under "vllm." so that vLLM's own logging configuration prints it.
 logger = logging.getLogger(f"vllm.{__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Eligible:
+    """A request that may draft this step: its batch row, id, tokens so far, the most drafts it may make,
+    and its look-up draft (up to that many tokens; empty where none was found or look-ups are off)."""
+
+    row: int
+    req_id: str
+    n: int
+    limit: int
+    lookup: list[int]
 
 
 def _capturing() -> bool:
@@ -81,6 +95,8 @@ class STDProposer:
         # the generator its unseeded draws come from, seeded alike on every rank.
         self._draft_probs: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
+        self.lookup: LookupDrafter | None = None  # look-up drafts (`lookup`, with `adaptive`)
+        self._looked_up: set[str] = set()  # the requests whose last round was their look-up draft
 
     def load_model(self, target_model: Any) -> None:
         """Nothing to load: the drafter shares the target's weights and KV cache."""
@@ -104,6 +120,8 @@ class STDProposer:
         for index, layer in enumerate(view.layers):
             self._hook(layer.impl, index)
         self._generator = torch.Generator(device=view.device).manual_seed(view.seed)
+        if self.config.lookup and self.config.adaptive:
+            self.lookup = LookupDrafter(view.max_model_len)
         self.view = view
 
     def after_warm_up(self) -> None:
@@ -253,6 +271,8 @@ class STDProposer:
             self.scorer.forget(live)
             if self.policy is not None:
                 self.policy.forget(live)
+            if self.lookup is not None:
+                self.lookup.forget(live)
         rows = self.view.batch_rows()
         for row in rows:
             if not self.scorer.known(row.req_id):
@@ -275,7 +295,7 @@ class STDProposer:
             for req_id, sampled in zip(self.view.batch_req_ids(), sampled_token_ids, strict=True):
                 drafted = self._verifying.get(req_id, 0)
                 if drafted and sampled:
-                    self.policy.record(req_id, drafted, len(sampled) - 1)
+                    self.policy.record(req_id, drafted, len(sampled) - 1, req_id in self._looked_up)
         if self._round_end is not None and self._step_rows is not None:
             drafts = sum(d for _, d in self._step_rows)
             self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows), drafts)
@@ -286,6 +306,8 @@ class STDProposer:
             self.scorer.release(req_ids)
         if self.policy is not None:
             self.policy.release(req_ids)
+        if self.lookup is not None:
+            self.lookup.release(req_ids)
         self._live -= req_ids
 
     def _scoring_fault(self, stage: str, exc: Exception) -> None:
@@ -339,39 +361,70 @@ class STDProposer:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         if self.view is None or self.scorer is None or self.disabled:
             return drafts
+        eligible: tuple[list[Eligible], list[int]] | None = None
         if self._idle_steps and self._idle_left:
-            self._repeat_idle()
-            return drafts
+            # A batch that drafts nothing, unless one of its requests now finds a look-up draft (the same on
+            # every rank: the tokens are).
+            if self.lookup is not None:
+                eligible = self._eligible(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+            if eligible is None or not any(e.lookup for e in eligible[0]):
+                self._repeat_idle()
+                return drafts
         self._idle_left = 0
         if self.policy is not None:
             self._learn(sampled_token_ids, time.perf_counter())
-        requests = self._draftable(sampled_token_ids, num_tokens_no_spec)
-        self._drafted = bool(requests)
-        if not requests:
+        if eligible is None:
+            eligible = self._eligible(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        requests, looked_up = self._draftable(*eligible)
+        self._drafted = bool(requests or looked_up)
+        batch = self.view.batch_req_ids()
+        self._looked_up = {batch[row] for row in looked_up}
+        if not self._drafted:
             self._round_end = time.perf_counter()
             return drafts
+        for row, tokens in looked_up.items():
+            drafts[row] = tokens
+        longest = max([r.num_drafts for r in requests] + [len(t) for t in looked_up.values()])
+        sampler = self._sampler([r.row for r in requests] + list(looked_up), len(sampled_token_ids), longest)
+        if requests:
+            self._draft_sparse(requests, token_ids_cpu, drafts, sampler)
+        if sampler is not None:
+            for row, tokens in looked_up.items():
+                sampler.certain(row, tokens)
+        self._draft_probs = None if sampler is None else sampler.probs
+        self._round_end = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.drafts_proposed(
+                sum(r.num_drafts for r in requests), sum(map(len, looked_up.values()))
+            )
+        return drafts
+
+    def _draft_sparse(
+        self,
+        requests: list[DraftRequest],
+        token_ids_cpu: Any,
+        drafts: list[list[int]],
+        sampler: DraftSampler | None,
+    ) -> None:
+        """The sparse drafter's steps for `requests`, their drafts appended to `drafts` by batch row."""
         tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
         start = time.perf_counter()
-        steps = max(r.num_drafts for r in requests)
-        sampler = self._sampler(requests, len(sampled_token_ids), steps)
-        for step in range(steps):
+        for step in range(max(r.num_drafts for r in requests)):
             active = [i for i, r in enumerate(requests) if r.num_drafts > step]
             logits = self._draft_step([requests[i] for i in active], tokens[active], step)
             if sampler is None:
                 next_tokens = logits.argmax(dim=-1).cpu()
             else:
                 positions = [requests[i].position(step) for i in active]
-                next_tokens = sampler.sample(logits, active, step, positions)
+                next_tokens = sampler.sample(logits, [requests[i].row for i in active], step, positions)
             for i, token in zip(active, next_tokens.tolist(), strict=True):
                 drafts[requests[i].row].append(token)
             tokens[active] = next_tokens
-        self._draft_probs = None if sampler is None else sampler.probs
-        self._round_end = time.perf_counter()
+        seconds = time.perf_counter() - start
         if self.metrics is not None:
-            self.metrics.draft_seconds.observe(self._round_end - start)
+            self.metrics.draft_seconds.observe(seconds)
         if self.cost is not None and self.policy is not None:
-            self.overhead.observe_drafting(self._round_end - start, self._predicted_drafting(requests))
-        return drafts
+            self.overhead.observe_drafting(seconds, self._predicted_drafting(requests))
 
     def _repeat_idle(self) -> None:
         """A step of an unchanged batch (`_plan_step` found nothing to plan) that the last decisions, none
@@ -395,58 +448,83 @@ class STDProposer:
             seconds += self.cost.draft(len(active), sum(active) / len(active))
         return seconds, steps
 
-    def _draftable(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any) -> list[DraftRequest]:
+    def _eligible(
+        self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any, token_ids_cpu: Any
+    ) -> tuple[list[Eligible], list[int]]:
+        """The batch's requests that may draft this step (a selection, a token sampled), each with the most
+        it may draft and its look-up draft (with `lookup`); and the contexts of the others."""
         assert self.view is not None and self.scorer is not None
-        block_size = self.view.block_size
+        view, block_size = self.view, self.view.block_size
         eligible, others = [], []
-        for row, req_id in enumerate(self.view.batch_req_ids()):
+        for row, req_id in enumerate(view.batch_req_ids()):
             n = int(num_tokens_no_spec[row])
-            if req_id in self.scorer.selections and sampled_token_ids[row]:
-                eligible.append((row, req_id, n))
-            else:
+            if req_id not in self.scorer.selections or not sampled_token_ids[row]:
                 others.append(n)
-        if not eligible:
-            return []
-        gammas = self._gammas(eligible, others)
-        out = []
-        for (row, req_id, n), gamma in zip(eligible, gammas, strict=True):
-            if gamma <= 0:
                 continue
-            selection = self.scorer.selections[req_id]
-            block_ids = self.view.block_ids(req_id)
             # Draft KV goes to positions n-1 .. n+k-2: stay inside allocated blocks and the model's length,
             # and draft no more than the request may still emit besides the verifier's own token.
-            k = min(
-                gamma,
-                len(block_ids) * block_size - (n - 1),
-                self.view.max_model_len - n,
-                self.view.remaining_tokens(req_id) - 1,
+            limit = min(
+                self.num_speculative_tokens,
+                len(view.block_ids(req_id)) * block_size - (n - 1),
+                view.max_model_len - n,
+                view.remaining_tokens(req_id) - 1,
             )
-            if k > 0:
-                physical = torch.tensor(block_ids, dtype=torch.int32)
-                out.append(DraftRequest(row, selection, n, k, physical, self.view.position_delta(req_id)))
-        return out
+            lookup: list[int] = []
+            if self.lookup is not None and limit > 0:
+                if not self.lookup.known(req_id):
+                    prompt = view.num_prompt_tokens(req_id)
+                    visual = view.visual_request(req_id).visual().numpy()
+                    self.lookup.admit(req_id, token_ids_cpu[row, :prompt], visual)
+                lookup = self.lookup.propose(req_id, token_ids_cpu[row, :n], limit)
+            eligible.append(Eligible(row, req_id, n, limit, lookup))
+        return eligible, others
 
-    def _gammas(self, eligible: list[tuple[int, str, int]], others: list[int]) -> list[int]:
-        """Each eligible request's draft length: gamma, or with `adaptive` the policy's choice on rank 0 for
-        the whole batch (the requests that may not draft, of contexts `others`, share its steps), sent to
-        the other ranks (their own timings would differ, and the ranks must draft in lockstep) with how
-        many of the next steps it covers if none drafts (`_repeat_idle`)."""
+    def _draftable(
+        self, eligible: list[Eligible], others: list[int]
+    ) -> tuple[list[DraftRequest], dict[int, list[int]]]:
+        """The round: the requests that draft with the sparse drafter, and the look-up drafts, by row."""
+        assert self.view is not None and self.scorer is not None
+        if not eligible:
+            return [], {}
+        sparse, looked_up = [], {}
+        for e, (gamma, lookup) in zip(eligible, self._gammas(eligible, others), strict=True):
+            k = min(gamma, e.limit)
+            if k <= 0:
+                continue
+            if lookup:
+                looked_up[e.row] = e.lookup[:k]
+                continue
+            selection = self.scorer.selections[e.req_id]
+            physical = torch.tensor(self.view.block_ids(e.req_id), dtype=torch.int32)
+            sparse.append(
+                DraftRequest(e.row, selection, e.n, k, physical, self.view.position_delta(e.req_id))
+            )
+        return sparse, looked_up
+
+    def _gammas(self, eligible: list[Eligible], others: list[int]) -> list[tuple[int, bool]]:
+        """Each eligible request's draft length and whether it is its look-up draft: gamma sparse drafts, or
+        with `adaptive` the policy's choice on rank 0 for the whole batch (the requests that may not draft,
+        of contexts `others`, share its steps), sent to the other ranks (their own timings would differ,
+        and the ranks must draft in lockstep) with how many of the next steps it covers if none drafts
+        (`_repeat_idle`)."""
         assert self.view is not None and self.scorer is not None
         if not self.config.adaptive:
-            return self._chosen([Decision(self.num_speculative_tokens, "fixed")] * len(eligible))
+            fixed = self._chosen([Decision(self.num_speculative_tokens, "fixed")] * len(eligible))
+            return [(gamma, False) for gamma in fixed]
         plan = None
         if self.policy is not None:
             cost, probe_cost = self._priced_costs()
             drafting = [
-                (req_id, float(n), float(self.scorer.selections[req_id].drafter_context(n)))
-                for _, req_id, n in eligible
+                (e.req_id, float(e.n), float(self.scorer.selections[e.req_id].drafter_context(e.n)))
+                for e in eligible
             ]
-            gammas = self._chosen(self.policy.decide(cost, drafting, others, probe_cost))
-            plan = gammas, 0 if any(gammas) else self.policy.idle_steps_ahead()
-        gammas, self._idle_left = self.view.broadcast_from_rank0(plan)
+            lookups = [len(e.lookup) for e in eligible] if self.lookup is not None else None
+            decisions = self.policy.decide(cost, drafting, others, probe_cost, lookups)
+            chosen = list(zip(self._chosen(decisions), [d.looked_up for d in decisions], strict=True))
+            plan = chosen, 0 if any(gamma for gamma, _ in chosen) else self.policy.idle_steps_ahead()
+        chosen, self._idle_left = self.view.broadcast_from_rank0(plan)
         self._idle_eligible = len(eligible)
-        return gammas
+        return chosen
 
     def _chosen(self, decisions: list[Decision]) -> list[int]:
         """The decisions' draft lengths, the decisions counted on `/metrics` (rank 0)."""
@@ -470,16 +548,15 @@ class STDProposer:
         self._priced_steps += 1
         return self._priced
 
-    def _sampler(self, requests: list[DraftRequest], num_rows: int, steps: int) -> DraftSampler | None:
-        """The round's draws of sampled requests' drafts (None with `draft_probs` off: argmax drafts, which
-        vLLM verifies as certain)."""
+    def _sampler(self, rows: list[int], num_rows: int, longest: int) -> DraftSampler | None:
+        """The round's draws of sampled requests' drafts, for the requests of batch rows `rows` (None with
+        `draft_probs` off: argmax drafts, which vLLM verifies as certain)."""
         assert self.view is not None and self._generator is not None
         if not self.config.draft_probs:
             return None
         batch = self.view.batch_req_ids()
-        seeds = [self.view.sampling_seed(batch[r.row]) for r in requests]
-        metadata = self.view.sampling_metadata
-        return DraftSampler(metadata, [r.row for r in requests], seeds, num_rows, steps, self._generator)
+        seeds = {row: self.view.sampling_seed(batch[row]) for row in rows}
+        return DraftSampler(self.view.sampling_metadata, seeds, num_rows, longest, self._generator)
 
     def take_last_draft_probs(self) -> torch.Tensor | None:
         """The last round's draft probabilities, `[batch rows, drafts, vocab]`, or None where no drafting

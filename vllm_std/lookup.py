@@ -1,21 +1,29 @@
-"""Look-up drafts: the tokens that followed the same n-gram earlier in a request's own text, as vLLM's ngram
-method finds them (`ngram_proposer._find_longest_matched_ngram_and_propose_tokens`, the same matcher).
+"""Look-up drafts: the tokens that followed the request's latest tokens earlier in its own text (and, with
+Arctic Inference's suffix tree, in earlier requests' answers), found as vLLM's suffix or ngram methods find
+them.
 
 A look-up draft costs no forward pass, so where an answer repeats or quotes (lists, code, a caption that
 restates the question, a follow-up that quotes an earlier answer) it is cheaper than a sparse draft of
 the same acceptance. The text searched is the prompt without its visual placeholder tokens (runs of one
-token id that match anything and predict nothing) followed by the output so far; the prompt's part is
-cut once per request, so each round searches only text and output, never the video.
+token id that match anything and predict nothing), then the output so far: the prompt is cut once per
+request, so a round searches text and output only, never the video.
+
+Two matchers, one interface (`lookup_drafter` picks): Arctic Inference's suffix tree where the package is
+installed (vLLM's `suffix` method uses it: per-request and cross-request trees, updated with each new
+token), vLLM's own n-gram matcher otherwise (its `ngram` method's: a scan of the request's text per round).
 """
 
+import importlib.util
 from collections.abc import Iterable
 
 import numpy as np
 
 
-class LookupDrafter:
-    """Per request, the longest match of its last 2..5 tokens earlier in its text, and what followed it."""
+class NgramLookup:
+    """Per request, the longest match of its last 2..5 tokens earlier in its text, and what followed it
+    (`ngram_proposer._find_longest_matched_ngram_and_propose_tokens`)."""
 
+    name = "n-gram"
     MIN_NGRAM = 2
     MAX_NGRAM = 5
 
@@ -48,3 +56,74 @@ class LookupDrafter:
     def forget(self, live_req_ids: set[str]) -> None:
         """Drops every request but `live_req_ids`."""
         self.release(set(self._prompts) - live_req_ids)
+
+
+class SuffixLookup:
+    """Per request, the continuation Arctic Inference's suffix trees predict for its latest tokens: from its
+    own text, and from the answers of the requests before it (vLLM's `suffix` method's defaults)."""
+
+    name = "suffix tree"
+    MAX_TREE_DEPTH = 24
+    MAX_CACHED_REQUESTS = 10_000
+    MAX_SPEC_FACTOR = 1.0
+    MIN_TOKEN_PROB = 0.1
+
+    def __init__(self, max_model_len: int) -> None:
+        from arctic_inference.suffix_decoding import SuffixDecodingCache
+
+        self._cache = SuffixDecodingCache(self.MAX_TREE_DEPTH, self.MAX_CACHED_REQUESTS)
+        # Per request: the prompt's full length, the last tokens of its text, output tokens given the tree.
+        self._prompts: dict[str, tuple[int, np.ndarray]] = {}
+        self._fed: dict[str, int] = {}
+
+    def known(self, req_id: str) -> bool:
+        return req_id in self._prompts
+
+    def admit(self, req_id: str, prompt: np.ndarray, visual: np.ndarray) -> None:
+        """Starts the request's tree on its prompt without its visual tokens (`visual`: a mask)."""
+        text = np.ascontiguousarray(prompt[~visual], dtype=np.int32)
+        if req_id in self._cache.cached_requests:
+            self._cache.evict_cached_response(req_id)
+        self._cache.start_request(req_id, text)
+        self._prompts[req_id] = (len(prompt), text[-self.MAX_TREE_DEPTH :])
+        self._fed[req_id] = 0
+
+    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> list[int]:
+        """Up to `max_tokens` tokens predicted to follow `tokens`, the request's prompt and output so far
+        (the output not yet given the tree is added first)."""
+        prompt_len, tail = self._prompts[req_id]
+        output = tokens[prompt_len:]
+        if len(output) > self._fed[req_id]:
+            self._cache.add_active_response(req_id, output[self._fed[req_id] :].tolist())
+            self._fed[req_id] = len(output)
+        pattern = np.concatenate([tail, output.astype(np.int32)])[-self.MAX_TREE_DEPTH :]
+        draft = self._cache.speculate(
+            req_id,
+            pattern,
+            max_spec_tokens=max_tokens,
+            max_spec_factor=self.MAX_SPEC_FACTOR,
+            min_token_prob=self.MIN_TOKEN_PROB,
+        )
+        return list(draft.token_ids)
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        """The requests' answers stay in the cross-request tree; their own trees go."""
+        for req_id in req_ids:
+            if req_id in self._cache.active_requests:
+                self._cache.stop_request(req_id)
+            self._prompts.pop(req_id, None)
+            self._fed.pop(req_id, None)
+
+    def forget(self, live_req_ids: set[str]) -> None:
+        """Drops every request but `live_req_ids`."""
+        self.release(set(self._prompts) - live_req_ids)
+
+
+LookupDrafter = NgramLookup | SuffixLookup
+
+
+def lookup_drafter(max_model_len: int) -> LookupDrafter:
+    """The suffix tree where Arctic Inference is installed, vLLM's n-gram matcher otherwise."""
+    if importlib.util.find_spec("arctic_inference") is not None:
+        return SuffixLookup(max_model_len)
+    return NgramLookup(max_model_len)

@@ -30,7 +30,7 @@ from vllm_std.draft_sampler import DraftSampler
 from vllm_std.draft_step import DraftRequest, draft_step_inputs
 from vllm_std.engine_checks import refused_compilation
 from vllm_std.gamma_policy import Decision, GammaPolicy
-from vllm_std.lookup import LookupDrafter
+from vllm_std.lookup import LookupDrafter, lookup_drafter
 from vllm_std.metrics import STDMetrics
 from vllm_std.patches import WORKER_PATCHES
 from vllm_std.runner_view import RunnerView
@@ -121,7 +121,7 @@ class STDProposer:
             self._hook(layer.impl, index)
         self._generator = torch.Generator(device=view.device).manual_seed(view.seed)
         if self.config.lookup and self.config.adaptive:
-            self.lookup = LookupDrafter(view.max_model_len)
+            self.lookup = lookup_drafter(view.max_model_len)
         self.view = view
 
     def after_warm_up(self) -> None:
@@ -188,8 +188,8 @@ class STDProposer:
     def _log_settings(self, view: RunnerView, self_check_seconds: float) -> None:
         """The one start-up line with the resolved settings (TP rank 0 only)."""
         logger.info(
-            "STD on: gamma=%s%d top_k=%d (%d blocks of %d) selection=%s modalities=%s min_visual_tokens=%d; "
-            "%d layers, %s (self-check passed in %.2f s)",
+            "STD on: gamma=%s%d top_k=%d (%d blocks of %d) selection=%s modalities=%s min_visual_tokens=%d "
+            "look-up drafts=%s draft_probs=%s; %d layers, %s (self-check passed in %.2f s)",
             "adaptive up to " if self.config.adaptive else "",
             self.config.num_speculative_tokens,
             self.config.top_k,
@@ -198,6 +198,8 @@ class STDProposer:
             self.config.selection,
             ",".join(self.config.modalities),
             self.config.min_visual_tokens,
+            self.lookup.name if self.lookup is not None else "off",
+            self.config.draft_probs,
             len(view.layers),
             view.backend_name,
             self_check_seconds,

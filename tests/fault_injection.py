@@ -15,7 +15,7 @@ class FaultInjector:
         target, name = {
             "scoring": (drafter.scorer, "_score_layer"),
             "selection": (capture, "select_blocks"),
-            "drafting": (drafter, "_draft_step"),
+            "drafting": (drafter.sparse, "step"),
         }[stage]
         original = getattr(target, name)
 

@@ -92,7 +92,7 @@ def _report(worker: Any) -> dict[str, Any]:
         ],
         "skip_counts": dict(scorer.skip_counts),
         "live": sorted([*scorer.pending, *scorer.selections, *scorer.skipped]),
-        "plain_step_overhead": drafter.overhead.fixed,
+        "plain_step_overhead": drafter.rounds.overhead.fixed,
     }
 
 

@@ -3,8 +3,10 @@
 Lifecycle inside a worker: vLLM builds it with the config (`__init__`), calls `load_model` with the target
 model (the drafter *is* the target: nothing to load), and after the KV cache exists the runner patch calls
 `bind_runner`, which validates the engine and hooks every decoder attention layer for prefill scoring.
-Then, after every step, `propose` drafts up to gamma tokens per request that has a selection: with
-`adaptive` (the default) as many as `GammaPolicy` predicts fastest for that request, which may be none.
+Around every forward pass of the target, `target_step` plans what the hooks score; after it, `propose` drafts
+up to gamma tokens per request that has a selection: `RoundPlanner` chooses how many and from which source
+(with `adaptive`, the default, what the cost model predicts fastest, which may be none, or the request's
+look-up draft), and `SparseDrafter` runs the sparse drafter's steps.
 
 Losslessness rests on three facts: drafts are verified by vLLM's own dense forward and rejection sampler;
 the drafter writes KV only at positions `>= n - 1` (the verifier rewrites them before reading them); and it
@@ -12,7 +14,6 @@ reads the cache through compacted block tables, never changing a block.
 """
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -22,34 +23,19 @@ import torch
 
 from vllm_std.backends import adapter_for
 from vllm_std.backends.base import AttentionAdapter
-from vllm_std.calibration import StartupCalibration, StepOverhead
+from vllm_std.calibration import StepOverhead
 from vllm_std.capture import PrefillScorer
 from vllm_std.config import STDConfig, unsupported
-from vllm_std.cost_model import CostModel
-from vllm_std.draft_sampler import DraftSampler
-from vllm_std.draft_step import DraftRequest, draft_step_inputs
 from vllm_std.engine_checks import refused_compilation
-from vllm_std.gamma_policy import Decision, GammaPolicy
-from vllm_std.lookup import LookupDrafter, lookup_drafter
 from vllm_std.metrics import STDMetrics
 from vllm_std.patches import WORKER_PATCHES
+from vllm_std.rounds import Round, RoundPlanner
 from vllm_std.runner_view import RunnerView
 from vllm_std.self_check import SelfCheckFailed, StartupSelfCheck
+from vllm_std.sparse_drafter import SparseDrafter
 
 # Under "vllm." so that vLLM's own logging configuration prints it.
 logger = logging.getLogger(f"vllm.{__name__}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Eligible:
-    """A request that may draft this step: its batch row, id, tokens so far, the most drafts it may make,
-    and its look-up draft (up to that many tokens; empty where none was found or look-ups are off)."""
-
-    row: int
-    req_id: str
-    n: int
-    limit: int
-    lookup: list[int]
 
 
 def _capturing() -> bool:
@@ -60,7 +46,6 @@ def _capturing() -> bool:
 class STDProposer:
     """Drafts with the target model reading only its top-K visual blocks per layer plus all other tokens."""
 
-    OVERHEAD_REFRESH = 16
     IDLE_REFRESH = 8
 
     def __init__(self, vllm_config: Any) -> None:
@@ -75,28 +60,17 @@ class STDProposer:
         self.metrics: STDMetrics | None = None
         self._started = False  # `after_warm_up` ran
         self.disabled = False  # by a failed start-up self-check
-        # Adaptive gamma: rank 0 decides every draft length (the others receive them), from these.
-        self.cost: CostModel | None = None
-        self.policy: GammaPolicy | None = None
-        self.overhead = StepOverhead()
-        self._priced: tuple[CostModel, CostModel] | None = None
-        self._priced_steps = 0
+        self.rounds: RoundPlanner | None = None  # which requests draft, how many tokens, from what
+        self.sparse: SparseDrafter | None = None  # runs the sparse draft steps
         self._live: set[str] = set()  # the requests vLLM held at the last planned step
         self._batch: list[str] = []  # and the rows of its forward pass
         self._idle_steps = 0  # steps since, each like the one before it
-        # Of those, how many more the last decisions (none drafting) still cover, and for how many requests.
-        self._idle_left = 0
-        self._idle_eligible = 0
         self._drafted = False  # whether the last step drafted: the step being run then verifies
         self._verifying: dict[str, int] = {}  # drafts each request verifies in the step being run
         self._step_rows: list[tuple[float, int]] | None = None
         self._round_end: float | None = None
-        # The last round's draft probabilities for vLLM's rejection sampler (`take_last_draft_probs`), and
-        # the generator its unseeded draws come from, seeded alike on every rank.
+        # The last round's draft probabilities for vLLM's rejection sampler (`take_last_draft_probs`).
         self._draft_probs: torch.Tensor | None = None
-        self._generator: torch.Generator | None = None
-        self.lookup: LookupDrafter | None = None  # look-up drafts (`lookup`, with `adaptive`)
-        self._looked_up: set[str] = set()  # the requests whose last round was their look-up draft
 
     def load_model(self, target_model: Any) -> None:
         """Nothing to load: the drafter shares the target's weights and KV cache."""
@@ -119,9 +93,8 @@ class STDProposer:
         )
         for index, layer in enumerate(view.layers):
             self._hook(layer.impl, index)
-        self._generator = torch.Generator(device=view.device).manual_seed(view.seed)
-        if self.config.lookup and self.config.adaptive:
-            self.lookup = lookup_drafter(view.max_model_len)
+        self.rounds = RoundPlanner(view, self.config, self.scorer, self.metrics)
+        self.sparse = SparseDrafter(view, self.adapter, self.config)
         self.view = view
 
     def after_warm_up(self) -> None:
@@ -153,37 +126,10 @@ class STDProposer:
                 self.metrics.drafter_fault("self_check")
             return
         self_check_seconds = time.perf_counter() - start
-        if self.config.adaptive:
-            self._calibrate(view, adapter)
+        if self.config.adaptive and self.rounds is not None:
+            self.rounds.calibrate(adapter)
         if view.tp_rank == 0:
             self._log_settings(view, self_check_seconds)
-
-    def _calibrate(self, view: RunnerView, adapter: AttentionAdapter) -> None:
-        """The cost model for adaptive gamma: the saved profile, or a measurement now (on every rank, as the
-        forward passes hold collectives; rank 0's is used)."""
-        start = time.perf_counter()
-        if self.config.cost_profile is not None:
-            self.cost, source = CostModel.load(self.config.cost_profile), self.config.cost_profile
-        else:
-            calibration = StartupCalibration(view, adapter, self.num_speculative_tokens)
-            self.cost, source = calibration.run(), "measured at start-up"
-        if view.tp_rank != 0:
-            return
-        self.policy = GammaPolicy(
-            self.num_speculative_tokens, self.config.probe_interval, self.config.min_gain
-        )
-        context = 4096
-        logger.info(
-            "STD cost model (%s, %.1f s): at batch 1 and %d tokens of context, a dense step %.2f ms, a draft "
-            "step %.2f ms, a verify step of %d tokens %.2f ms (before the engine's own per-step overhead)",
-            source,
-            time.perf_counter() - start,
-            context,
-            1e3 * self.cost.dense(1, context),
-            1e3 * self.cost.draft(1, context),
-            self.num_speculative_tokens + 1,
-            1e3 * self.cost.verify(1, context, self.num_speculative_tokens),
-        )
 
     def _log_settings(self, view: RunnerView, self_check_seconds: float) -> None:
         """The one start-up line with the resolved settings (TP rank 0 only)."""
@@ -198,7 +144,7 @@ class STDProposer:
             self.config.selection,
             ",".join(self.config.modalities),
             self.config.min_visual_tokens,
-            self.lookup.name if self.lookup is not None else "off",
+            self.rounds.lookup.name if self.rounds and self.rounds.lookup else "off",
             self.config.draft_probs,
             len(view.layers),
             view.backend_name,
@@ -249,7 +195,8 @@ class STDProposer:
 
     def _plan_step(self) -> None:
         """Before a target forward pass: admit new requests to scoring, plan what the layer hooks capture,
-        and note each row's drafts to verify (acceptance) and context (step overhead) for `_learn`.
+        and note each row's drafts to verify (acceptance) and context (step overhead) for
+        `RoundPlanner.learn`.
 
         A step like the one before (the same requests, none prefilling for scoring, no drafts to verify: a
         batch that does not draft) has nothing to plan; it is planned in full once every `IDLE_REFRESH`
@@ -271,16 +218,14 @@ class STDProposer:
         if live != self._live:  # a request arrived or left since the last step
             self._live = live
             self.scorer.forget(live)
-            if self.policy is not None:
-                self.policy.forget(live)
-            if self.lookup is not None:
-                self.lookup.forget(live)
+            if self.rounds is not None:
+                self.rounds.forget(live)
         rows = self.view.batch_rows()
         for row in rows:
             if not self.scorer.known(row.req_id):
                 self.scorer.admit(self.view.visual_request(row.req_id))
         self.scorer.plan_step(rows)
-        if self.policy is not None:
+        if self.rounds is not None and self.rounds.policy is not None:
             shape = [(row.chunk_start, row.num_rows, self.view.num_prompt_tokens(row.req_id)) for row in rows]
             self._step_rows = StepOverhead.decode_rows(shape)
             self._verifying = {
@@ -289,27 +234,12 @@ class STDProposer:
                 if start >= prompt
             }
 
-    def _learn(self, sampled_token_ids: list[list[int]], now: float) -> None:
-        """After a target step (rank 0, adaptive): each verified round's acceptance, and the step's overhead
-        beyond its forward pass."""
-        assert self.view is not None and self.policy is not None and self.cost is not None
-        if self._verifying:
-            for req_id, sampled in zip(self.view.batch_req_ids(), sampled_token_ids, strict=True):
-                drafted = self._verifying.get(req_id, 0)
-                if drafted and sampled:
-                    self.policy.record(req_id, drafted, len(sampled) - 1, req_id in self._looked_up)
-        if self._round_end is not None and self._step_rows is not None:
-            drafts = sum(d for _, d in self._step_rows)
-            self.overhead.observe(now - self._round_end, self.cost.step_seconds(self._step_rows), drafts)
-
     def release(self, req_ids: set[str]) -> None:
         """vLLM dropped these requests (finished or aborted): so does every per-request table here."""
         if self.scorer is not None:
             self.scorer.release(req_ids)
-        if self.policy is not None:
-            self.policy.release(req_ids)
-        if self.lookup is not None:
-            self.lookup.release(req_ids)
+        if self.rounds is not None:
+            self.rounds.release(req_ids)
         self._live -= req_ids
 
     def _scoring_fault(self, stage: str, exc: Exception) -> None:
@@ -361,204 +291,51 @@ class STDProposer:
         self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any, token_ids_cpu: Any
     ) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        if self.view is None or self.scorer is None or self.disabled:
+        if self.view is None or self.scorer is None or self.rounds is None or self.disabled:
             return drafts
-        eligible: tuple[list[Eligible], list[int]] | None = None
-        if self._idle_steps and self._idle_left:
+        rounds = self.rounds
+        eligible = None
+        if self._idle_steps and rounds.idle_left:
             # A batch that drafts nothing, unless one of its requests now finds a look-up draft (the same on
             # every rank: the tokens are).
-            if self.lookup is not None:
-                eligible = self._eligible(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+            if rounds.lookup is not None:
+                eligible = rounds.eligible(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
             if eligible is None or not any(e.lookup for e in eligible[0]):
-                self._repeat_idle()
+                rounds.repeat_idle()
+                self._round_end = time.perf_counter()
                 return drafts
-        self._idle_left = 0
-        if self.policy is not None:
-            self._learn(sampled_token_ids, time.perf_counter())
+        rounds.idle_left = 0
+        now = time.perf_counter()
+        since_round = None if self._round_end is None else now - self._round_end
+        rounds.learn(self._verifying, self._step_rows, sampled_token_ids, since_round)
         if eligible is None:
-            eligible = self._eligible(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
-        requests, looked_up = self._draftable(*eligible)
-        self._drafted = bool(requests or looked_up)
-        batch = self.view.batch_req_ids()
-        self._looked_up = {batch[row] for row in looked_up}
-        if not self._drafted:
-            self._round_end = time.perf_counter()
-            return drafts
+            eligible = rounds.eligible(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        chosen = rounds.plan(*eligible)
+        self._drafted = bool(chosen.sparse or chosen.looked_up)
+        if self._drafted:
+            self._draft(chosen, drafts, token_ids_cpu)
+        self._round_end = time.perf_counter()
+        return drafts
+
+    def _draft(self, chosen: Round, drafts: list[list[int]], token_ids_cpu: Any) -> None:
+        """The round's drafts into `drafts` (by batch row), with their probabilities where any samples."""
+        assert self.sparse is not None and self.rounds is not None
+        sparse, looked_up = chosen.sparse, chosen.looked_up
         for row, tokens in looked_up.items():
             drafts[row] = tokens
-        longest = max([r.num_drafts for r in requests] + [len(t) for t in looked_up.values()])
-        sampler = self._sampler([r.row for r in requests] + list(looked_up), len(sampled_token_ids), longest)
-        if requests:
-            self._draft_sparse(requests, token_ids_cpu, drafts, sampler)
+        longest = max([r.num_drafts for r in sparse] + [len(t) for t in looked_up.values()])
+        sampler = self.sparse.sampler([r.row for r in sparse] + list(looked_up), len(drafts), longest)
+        if sparse:
+            seconds = self.sparse.run(sparse, token_ids_cpu, drafts, sampler)
+            if self.metrics is not None:
+                self.metrics.draft_seconds.observe(seconds)
+            self.rounds.drafted(seconds, sparse)
         if sampler is not None:
             for row, tokens in looked_up.items():
                 sampler.certain(row, tokens)
         self._draft_probs = None if sampler is None else sampler.probs
-        self._round_end = time.perf_counter()
         if self.metrics is not None:
-            self.metrics.drafts_proposed(
-                sum(r.num_drafts for r in requests), sum(map(len, looked_up.values()))
-            )
-        return drafts
-
-    def _draft_sparse(
-        self,
-        requests: list[DraftRequest],
-        token_ids_cpu: Any,
-        drafts: list[list[int]],
-        sampler: DraftSampler | None,
-    ) -> None:
-        """The sparse drafter's steps for `requests`, their drafts appended to `drafts` by batch row."""
-        tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
-        start = time.perf_counter()
-        for step in range(max(r.num_drafts for r in requests)):
-            active = [i for i, r in enumerate(requests) if r.num_drafts > step]
-            logits = self._draft_step([requests[i] for i in active], tokens[active], step)
-            if sampler is None:
-                next_tokens = logits.argmax(dim=-1).cpu()
-            else:
-                positions = [requests[i].position(step) for i in active]
-                next_tokens = sampler.sample(logits, [requests[i].row for i in active], step, positions)
-            for i, token in zip(active, next_tokens.tolist(), strict=True):
-                drafts[requests[i].row].append(token)
-            tokens[active] = next_tokens
-        seconds = time.perf_counter() - start
-        if self.metrics is not None:
-            self.metrics.draft_seconds.observe(seconds)
-        if self.cost is not None and self.policy is not None:
-            self.overhead.observe_drafting(seconds, self._predicted_drafting(requests))
-
-    def _repeat_idle(self) -> None:
-        """A step of an unchanged batch (`_plan_step` found nothing to plan) that the last decisions, none
-        drafting, still cover: they are counted again, on every rank alike, without looking at a request.
-        Such steps are most steps of a batch where STD does not pay, so what they cost is STD's floor."""
-        self._idle_left -= 1
-        if self.policy is not None:
-            self.policy.repeat_idle()
-        if self.metrics is not None:
-            self.metrics.not_paying(self._idle_eligible)
-        self._round_end = time.perf_counter()
-
-    def _predicted_drafting(self, requests: list[DraftRequest]) -> tuple[float, int]:
-        """The round's draft forward passes as the cost model predicts them, and how many steps it ran."""
-        assert self.cost is not None and self.view is not None
-        contexts = [r.selection.drafter_context(r.num_tokens) for r in requests]
-        steps = max(r.num_drafts for r in requests)
-        seconds = 0.0
-        for step in range(steps):
-            active = [c for c, r in zip(contexts, requests, strict=True) if r.num_drafts > step]
-            seconds += self.cost.draft(len(active), sum(active) / len(active))
-        return seconds, steps
-
-    def _eligible(
-        self, sampled_token_ids: list[list[int]], num_tokens_no_spec: Any, token_ids_cpu: Any
-    ) -> tuple[list[Eligible], list[int]]:
-        """The batch's requests that may draft this step (a selection, a token sampled), each with the most
-        it may draft and its look-up draft (with `lookup`); and the contexts of the others."""
-        assert self.view is not None and self.scorer is not None
-        view, block_size = self.view, self.view.block_size
-        eligible, others = [], []
-        for row, req_id in enumerate(view.batch_req_ids()):
-            n = int(num_tokens_no_spec[row])
-            if req_id not in self.scorer.selections or not sampled_token_ids[row]:
-                others.append(n)
-                continue
-            # Draft KV goes to positions n-1 .. n+k-2: stay inside allocated blocks and the model's length,
-            # and draft no more than the request may still emit besides the verifier's own token.
-            limit = min(
-                self.num_speculative_tokens,
-                len(view.block_ids(req_id)) * block_size - (n - 1),
-                view.max_model_len - n,
-                view.remaining_tokens(req_id) - 1,
-            )
-            lookup: list[int] = []
-            if self.lookup is not None and limit > 0:
-                if not self.lookup.known(req_id):
-                    prompt = view.num_prompt_tokens(req_id)
-                    visual = view.visual_request(req_id).visual().numpy()
-                    self.lookup.admit(req_id, token_ids_cpu[row, :prompt], visual)
-                lookup = self.lookup.propose(req_id, token_ids_cpu[row, :n], limit)
-            eligible.append(Eligible(row, req_id, n, limit, lookup))
-        return eligible, others
-
-    def _draftable(
-        self, eligible: list[Eligible], others: list[int]
-    ) -> tuple[list[DraftRequest], dict[int, list[int]]]:
-        """The round: the requests that draft with the sparse drafter, and the look-up drafts, by row."""
-        assert self.view is not None and self.scorer is not None
-        if not eligible:
-            return [], {}
-        sparse, looked_up = [], {}
-        for e, (gamma, lookup) in zip(eligible, self._gammas(eligible, others), strict=True):
-            k = min(gamma, e.limit)
-            if k <= 0:
-                continue
-            if lookup:
-                looked_up[e.row] = e.lookup[:k]
-                continue
-            selection = self.scorer.selections[e.req_id]
-            physical = torch.tensor(self.view.block_ids(e.req_id), dtype=torch.int32)
-            sparse.append(
-                DraftRequest(e.row, selection, e.n, k, physical, self.view.position_delta(e.req_id))
-            )
-        return sparse, looked_up
-
-    def _gammas(self, eligible: list[Eligible], others: list[int]) -> list[tuple[int, bool]]:
-        """Each eligible request's draft length and whether it is its look-up draft: gamma sparse drafts, or
-        with `adaptive` the policy's choice on rank 0 for the whole batch (the requests that may not draft,
-        of contexts `others`, share its steps), sent to the other ranks (their own timings would differ,
-        and the ranks must draft in lockstep) with how many of the next steps it covers if none drafts
-        (`_repeat_idle`)."""
-        assert self.view is not None and self.scorer is not None
-        if not self.config.adaptive:
-            fixed = self._chosen([Decision(self.num_speculative_tokens, "fixed")] * len(eligible))
-            return [(gamma, False) for gamma in fixed]
-        plan = None
-        if self.policy is not None:
-            cost, probe_cost = self._priced_costs()
-            drafting = [
-                (e.req_id, float(e.n), float(self.scorer.selections[e.req_id].drafter_context(e.n)))
-                for e in eligible
-            ]
-            lookups = [len(e.lookup) for e in eligible] if self.lookup is not None else None
-            decisions = self.policy.decide(cost, drafting, others, probe_cost, lookups)
-            chosen = list(zip(self._chosen(decisions), [d.looked_up for d in decisions], strict=True))
-            plan = chosen, 0 if any(gamma for gamma, _ in chosen) else self.policy.idle_steps_ahead()
-        chosen, self._idle_left = self.view.broadcast_from_rank0(plan)
-        self._idle_eligible = len(eligible)
-        return chosen
-
-    def _chosen(self, decisions: list[Decision]) -> list[int]:
-        """The decisions' draft lengths, the decisions counted on `/metrics` (rank 0)."""
-        if self.metrics is not None:
-            self.metrics.gammas_chosen(decisions)
-        return [d.gamma for d in decisions]
-
-    def _priced_costs(self) -> tuple[CostModel, CostModel]:
-        """The cost model with the engine's measured overheads, and with only a plain step's (what a due
-        probe round sizes its probes by: a round's own overheads are measured from rounds), read again every
-        `OVERHEAD_REFRESH` steps (medians over the last 64 steps move slowly; reading them costs a tenth of
-        a millisecond)."""
-        assert self.cost is not None
-        if self._priced is None or self._priced_steps >= self.OVERHEAD_REFRESH:
-            fixed = self.overhead.fixed
-            self._priced = (
-                self.cost.with_overhead(fixed, *self.overhead.rounds()),
-                self.cost.with_overhead(fixed),
-            )
-            self._priced_steps = 0
-        self._priced_steps += 1
-        return self._priced
-
-    def _sampler(self, rows: list[int], num_rows: int, longest: int) -> DraftSampler | None:
-        """The round's draws of sampled requests' drafts, for the requests of batch rows `rows` (None with
-        `draft_probs` off: argmax drafts, which vLLM verifies as certain)."""
-        assert self.view is not None and self._generator is not None
-        if not self.config.draft_probs:
-            return None
-        batch = self.view.batch_req_ids()
-        seeds = {row: self.view.sampling_seed(batch[row]) for row in rows}
-        return DraftSampler(self.view.sampling_metadata, seeds, num_rows, longest, self._generator)
+            self.metrics.drafts_proposed(sum(r.num_drafts for r in sparse), sum(map(len, looked_up.values())))
 
     def take_last_draft_probs(self) -> torch.Tensor | None:
         """The last round's draft probabilities, `[batch rows, drafts, vocab]`, or None where no drafting
@@ -566,9 +343,3 @@ class STDProposer:
         rejection sampler verifies the drafts with them."""
         probs, self._draft_probs = self._draft_probs, None
         return probs
-
-    def _draft_step(self, requests: list[DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """The logits of one draft step over the requests' compacted views."""
-        assert self.view is not None and self.adapter is not None
-        inputs = draft_step_inputs(self.view, self.adapter, requests, step)
-        return self.view.draft_logits(tokens, inputs.positions, inputs.slots, inputs.metadata)

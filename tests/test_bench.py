@@ -12,26 +12,30 @@ import pytest
 from vllm_std.bench import command
 from vllm_std.bench.analysis import (
     conditional_acceptance,
+    exit_status,
     fit_cost_model,
+    method_records,
     pooled_speedups,
     step_costs,
     summarize,
 )
 from vllm_std.bench.command import add_arguments, sample_methods
-from vllm_std.bench.engines import Batch, VideoQuestion
-from vllm_std.bench.methods import Method, Workload, methods, suffix_decoding_installed
+from vllm_std.bench.engines import Batch, VideoQuestion, figures, snapshot
+from vllm_std.bench.methods import BASELINES, Method, Workload, methods, suffix_decoding_installed
 from vllm_std.bench.report import markdown, markdown_table, pooled_table
+from vllm_std.bench.workloads import LookupQuestions, lookup_episode
 
 
 def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
     plan = methods(
-        ["none", "std", "adaptive", "ngram", "suffix", "streaming", "recent_visual", "random"],
+        ["none", "std", "adaptive", "adaptive_sparse", "ngram", "suffix", *BASELINES],
         [2, 4],
         [256, 1024],
     )
     assert [m.label for m in plan] == [
         "none",
         "adaptive g<=4 K256",
+        "adaptive g<=4 K256 sparse only",
         "std g2 K256",
         "std g4 K256",
         "std g2 K1024",
@@ -57,6 +61,9 @@ def test_methods_sweep_gamma_and_k_and_run_baselines_at_the_first() -> None:
         "selection": "attention",
         "adaptive": True,
     }
+    assert Method("x", "adaptive_sparse", 6, 256).speculative_config() == Method(
+        "x", "adaptive", 6, 256
+    ).speculative_config() | {"lookup": False}
     assert Method("none", "none").speculative_config() is None
     assert Method("x", "suffix", 4).speculative_config() == {"method": "suffix", "num_speculative_tokens": 4}
 
@@ -79,6 +86,17 @@ def test_std_onehot_is_std_verifying_argmax_drafts_as_one_hot() -> None:
         "std_onehot",
         "none",
     ]
+
+
+def test_default_plan_has_adaptive_std_with_and_without_look_ups() -> None:
+    """By default adaptive STD runs with look-up drafts and, right after, without them (sparse drafts only),
+    beside ngram; only the first has a second engine (`... again`), which the pooled table pairs with it."""
+    plan = command._plan(_bench_args("--gamma", "4,6", "--top-k", "1024"))
+    labels = [m.label for m in plan]
+    assert labels[:3] == ["none", "adaptive g<=6 K1024", "adaptive g<=6 K1024 sparse only"]
+    assert plan[2] == Method("adaptive g<=6 K1024 sparse only", "adaptive_sparse", 6, 1024)
+    assert "ngram g4" in labels and labels[-2:] == ["adaptive g<=6 K1024 again", "none again"]
+    assert [m.label for m in plan if m.label.endswith(" again")] == labels[-2:]
 
 
 def _bench_args(*argv: str) -> argparse.Namespace:
@@ -129,7 +147,7 @@ def test_conditional_acceptance() -> None:
 
 
 def _record(kind: str, batch: int, prompt: float, tpot: float, **extra: float) -> dict:
-    return {"kind": kind, "batch": batch, "prompt_tokens": prompt, "tpot_seconds": tpot, **extra}
+    return dict(kind=kind, batch=batch, prompt_tokens=prompt, tpot_seconds=tpot, output_tokens=16, **extra)
 
 
 def test_fit_cost_model_from_records() -> None:
@@ -146,11 +164,11 @@ def test_fit_cost_model_from_records() -> None:
             step_costs(r, 4)
             assert r["verify_step_seconds"] == pytest.approx(0.02 + 1e-6 * b * p)
             std.append(r)
-    model = fit_cost_model(dense + std, output_len=16)
+    model = fit_cost_model(dense + std)
     assert model is not None
     assert model.dense(1, 1008) == pytest.approx(0.003 + 0.001 + 1e-6 * 1008, rel=1e-6)
     assert model.draft(1, 308) == pytest.approx(0.004, rel=1e-6)
-    assert fit_cost_model(dense, output_len=16) is None
+    assert fit_cost_model(dense) is None
 
 
 def test_markdown_table_marks_differing_output() -> None:
@@ -184,6 +202,7 @@ def test_pooled_speedups_pair_each_method_with_its_repeat() -> None:
         for m, k, t in [
             ("none", "none", [0.010, 0.010, 0.010]),
             ("adaptive g<=6 K256", "adaptive", [0.009, 0.009, 0.009]),
+            ("adaptive g<=6 K256 sparse only", "adaptive_sparse", [0.009, 0.009, 0.009]),  # run once
             ("std g6 K256", "std", [0.008, 0.008, 0.008]),
             ("adaptive g<=6 K256 again", "adaptive", [0.011, 0.011, 0.042]),  # a stall in its last batch
             ("none again", "none", [0.014, 0.014, 0.014]),
@@ -270,6 +289,9 @@ def test_each_turn_of_a_conversation_is_a_workload() -> None:
     assert Workload(8192, 4).turns(2) == [Workload(8192, 4), Workload(8192, 4, turn=2)]
 
 
+SOURCES = ("sparse", "lookup")
+
+
 def _batch(ids: list[int], tpot: float, drafts: int, accepted: int) -> dict:
     """One request's batch as `vllm_std.bench.engines.sample` returns it."""
     return {
@@ -285,6 +307,7 @@ def _batch(ids: list[int], tpot: float, drafts: int, accepted: int) -> dict:
         "draft_time": (drafts, 0.01 * drafts),
         "chosen_gamma": None,
         "gamma_decisions": dict.fromkeys(("fixed", "paying", "probe", "not_paying"), None),
+        "draft_tokens_by_source": {"sparse": 2 * drafts, "lookup": 0} if drafts else dict.fromkeys(SOURCES),
     }
 
 
@@ -311,7 +334,7 @@ def test_sampled_outputs_are_not_compared_with_no_speculation(temperature: float
         ("none", "1k x1"): [_batch([1, 2], 0.02, 0, 0)],
         ("std g2 K64", "1k x1"): [_batch([1, 3], 0.01, 1, 1)],
     }
-    records = command.method_records(plan, [Workload(1024, 1)], samples, temperature)
+    records = method_records(plan, [Workload(1024, 1)], samples, temperature)
     result = {
         "model": "m",
         "environment": {"vllm": "0.32.0", "cpus": 2},
@@ -323,13 +346,140 @@ def test_sampled_outputs_are_not_compared_with_no_speculation(temperature: float
     std_row = next(line for line in report.splitlines() if line.startswith("| std g2 K64 | 50 % / "))
     identical = [r["identical_to_no_speculation"] for r in records]
     if temperature == 0:
-        assert identical == [True, False] and command.exit_status(records) == 1
+        assert identical == [True, False] and exit_status(records) == 1
         assert std_row.endswith(" ✗ |")
     else:
-        assert identical == [None, None] and command.exit_status(records) == 0
+        assert identical == [None, None] and exit_status(records) == 0
         assert "✗" not in report
         note = "Outputs sampled at temperature 0.7, so not compared token by token"
         assert report.count(note) == 1 and report.index(note) < report.index("| method |")
+
+
+def test_one_pass_answers_hold_no_token_twice() -> None:
+    """A one-pass request asks about the only clip of its video, one of every content word, and its output is
+    capped at the answer's end (the marker's name, then the clip's words), where no token has come twice:
+    nothing to copy from the text before it. Cycling requests stay the fixture's default episodes."""
+    from transformers import AutoTokenizer
+
+    from vllm_std.fixtures.sparse import CONTENT_WORDS, sparse_episode, sparse_model
+
+    model = str(sparse_model())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    one_pass = Workload(2048, 2, answers="one-pass")
+    requests = LookupQuestions(model).requests(one_pass, 3000)
+    assert [q.max_tokens for q in requests] == [len(CONTENT_WORDS) + 1] * 2 == [49, 49]
+    assert [q.output_len(64) for q in requests] == [49, 49] and requests[0].output_len(16) == 16
+    for i, q in enumerate(requests):
+        episode = lookup_episode(one_pass, 3000 + i)
+        assert episode.markers() == [episode.marker] and len(episode.cycle) == len(CONTENT_WORDS)
+        answer = tokenizer.encode("".join(" " + w for w in episode.answer_words(q.max_tokens)))
+        assert len(answer) == len(set(answer)) == 49
+        assert len(q.frames) == 2 * 2048  # one visual token a tile, two frames a tile
+    cycling = LookupQuestions(model).requests(Workload(2048, 1), 3000)[0]
+    assert cycling.max_tokens is None and cycling.output_len(64) == 64
+    default, asked = sparse_episode(2048, 3000), lookup_episode(Workload(2048, 1), 3000)
+    assert asked.cycle == default.cycle and np.array_equal(asked.tiles, default.tiles)
+
+
+def test_workload_labels() -> None:
+    """Cycling workloads keep the labels of earlier tables; one-pass ones say so, before the turn."""
+    assert Workload(4096, 4).label == "4k x4"
+    assert Workload(4096, 4, answers="one-pass").label == "4k x4 one-pass"
+    assert Workload(512, 1, answers="one-pass").label == "512 x1 one-pass"
+    assert Workload(8192, 4, turn=2).label == "8k x4 turn 2"
+
+
+def test_answers_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--answers`: by default both workloads on the look-up fixture (cycling only with follow-ups), cycling
+    for other models; one-pass is refused, in one line, for other models and with follow-ups."""
+    assert _bench_args("--answers", "one-pass,cycling,one-pass").answers == ["one-pass", "cycling"]
+    with pytest.raises(SystemExit):
+        _bench_args("--answers", "cycling,once")
+    assert "argument --answers: expected comma-separated cycling, one-pass; got 'cycling,once'" in (
+        capsys.readouterr().err
+    )
+    assert command._answers(_bench_args(), lookup=True) == ["cycling", "one-pass"]
+    assert command._answers(_bench_args("--turns", "2"), lookup=True) == ["cycling"]
+    assert command._answers(_bench_args(), lookup=False) == ["cycling"]
+    assert command._answers(_bench_args("--answers", "cycling"), lookup=False) == ["cycling"]
+    other = _bench_args("--answers", "cycling,one-pass", "--model", "Qwen/Qwen2-VL-2B-Instruct")
+    refusal = "vllm-std bench: error: argument --answers: one-pass needs the look-up fixture"
+    with pytest.raises(SystemExit, match=refusal) as refused:
+        command._answers(other, lookup=False)
+    assert "\n" not in str(refused.value) and str(refused.value).endswith("not Qwen/Qwen2-VL-2B-Instruct")
+    with pytest.raises(SystemExit, match="one-pass has no follow-ups"):
+        command._answers(_bench_args("--answers", "one-pass", "--turns", "2"), lookup=True)
+
+
+class _Metrics:
+    """What `snapshot` reads of an offline `LLM`: its `get_metrics()`, here a fixed list of vLLM's own metric
+    records (`vllm.v1.metrics.reader`), as an engine with STD's counters reports them."""
+
+    def __init__(self, metrics: list) -> None:
+        self.metrics = metrics
+
+    def get_metrics(self) -> list:
+        return self.metrics
+
+
+def _engine_metrics(sparse: int, lookup: int, finished: int) -> _Metrics:
+    """An engine's metrics after `finished` requests of 49 tokens at 10 ms a token, with these draft tokens
+    (all accepted) by source."""
+    from vllm.v1.metrics.reader import Counter, Histogram, Vector
+
+    labels = {"engine": "0", "model_name": "m"}
+    rounds = (sparse + lookup) // 4  # of 4 drafts each
+    return _Metrics(
+        [
+            Histogram("vllm:request_time_per_output_token_seconds", labels, finished, 0.01 * finished, {}),
+            Histogram("vllm:request_decode_time_seconds", labels, finished, 0.49 * finished, {}),
+            Counter("vllm:spec_decode_num_drafts", labels, rounds),
+            Counter("vllm:spec_decode_num_draft_tokens", labels, sparse + lookup),
+            Counter("vllm:spec_decode_num_accepted_tokens", labels, sparse + lookup),
+            Vector("vllm:spec_decode_num_accepted_tokens_per_pos", labels, [rounds] * 4),
+            Counter("vllm:std_draft_tokens", labels | {"source": "sparse"}, sparse),
+            Counter("vllm:std_draft_tokens", labels | {"source": "lookup"}, lookup),
+            Counter("vllm:std_gamma_decisions", labels | {"decision": "paying"}, rounds),
+        ]
+    )
+
+
+def test_draft_tokens_by_source_reach_the_record_and_the_table() -> None:
+    """STD's draft tokens by source are differenced around a batch like its decisions by reason, pooled over
+    a workload's batches, kept in the record (bench.json) with the look-up share, and shown in the cell of a
+    method whose drafts include look-ups."""
+    before = snapshot(_engine_metrics(0, 0, 0))
+    batches = [
+        figures(snapshot(_engine_metrics(sparse, lookup, 1)), before)
+        for sparse, lookup in [(20, 0), (16, 64)]
+    ]
+    assert batches[1]["draft_tokens_by_source"] == {"sparse": 16, "lookup": 64}
+    assert batches[1]["gamma_decisions"]["paying"] == 20 and batches[1]["draft_tokens"] == 80
+    outputs = {"token_ids": [list(range(49))], "prompt_tokens": [4100], "wall_seconds": 1.0}
+    samples = {
+        ("none", "4k x1 one-pass"): [_batch(list(range(49)), 0.02, 0, 0) for _ in batches],
+        ("adaptive", "4k x1 one-pass"): [b | outputs for b in batches],
+    }
+    plan = [Method("none", "none"), Method("adaptive", "adaptive", 6, 1024)]
+    records = method_records(plan, [Workload(4096, 1, answers="one-pass")], samples, 0.0)
+    none, adaptive = records
+    assert adaptive["draft_tokens_by_source"] == {"sparse": 36, "lookup": 64}
+    assert adaptive["lookup_share"] == pytest.approx(0.64) and none["lookup_share"] is None
+    assert adaptive["answers"] == "one-pass" and adaptive["output_tokens"] == 49
+    assert adaptive["mean_acceptance_length"] == 5.0
+    table = markdown_table(records)
+    assert "| adaptive | 100 % / 2.00x · 64 % look-up |" in table and "| none | — / 1.00x |" in table
+    result = {
+        "model": "m",
+        "environment": {"vllm": "0.32.0", "cpus": 2},
+        "command": vars(_bench_args()),
+        "records": records,
+        "pooled": [],
+    }
+    report = markdown(result)
+    note = "`one-pass`: each video has one marked clip of all 48 content words"
+    assert report.count(note) == 1 and report.index("| adaptive |") < report.index(note)
+    assert "49 tokens a request here" in report
 
 
 @pytest.mark.slow
@@ -352,7 +502,7 @@ def test_bench_command(tmp_path: Path) -> None:
     result = json.loads((out / "bench.json").read_text())
     kinds = {r["kind"] for r in result["records"]}
     suffix = {"suffix"} if suffix_decoding_installed() else set()
-    assert kinds == {"none", "std", "adaptive", "ngram", "streaming", "recent_visual", "random", *suffix}
+    assert kinds == {"none", "std", "adaptive", "adaptive_sparse", "ngram", *BASELINES, *suffix}
     assert all(r["identical_to_no_speculation"] for r in result["records"])
     assert {r["workload"] for r in result["records"]} == {
         "512 x1",

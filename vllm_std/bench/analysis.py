@@ -1,11 +1,13 @@
-"""The bench's arithmetic: batches pooled per method and workload, speedups against no speculation, and the
-cost model fitted to the measured steps. No vLLM."""
+"""The bench's arithmetic: batches pooled per method and workload into records (outputs compared with no
+speculation's), speedups against no speculation, and the cost model fitted to the measured steps. No vLLM."""
 
+import dataclasses
 import statistics
 from typing import Any
 
+from vllm_std.bench.engines import BY_LABEL
+from vllm_std.bench.methods import ADAPTIVE, BASELINES, Method, Workload
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
-from vllm_std.gamma_policy import REASONS
 
 
 def _pooled(values: list[Any]) -> Any:
@@ -20,13 +22,18 @@ def _pooled(values: list[Any]) -> Any:
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """One method on one workload, its batches (`vllm_std.bench.engines.sample`) pooled: outputs, time per
-    output token, acceptance and STD's drafting time."""
+    output token, acceptance, STD's drafting time, its decisions and the sources of its draft tokens (the
+    look-up share: draft tokens copied from the request's own text, of all STD drafted)."""
     concatenated = ("token_ids", "prompt_tokens")
     pooled = {
-        key: _pooled([s[key] for s in samples])
-        for key in samples[0]
-        if key not in (*concatenated, "gamma_decisions")
+        key: _pooled([s[key] for s in samples]) for key in samples[0] if key not in (*concatenated, *BY_LABEL)
     }
+    by_label = {
+        key: {value: _pooled([s[key][value] for s in samples]) for value in values}
+        for key, (_, _, values) in BY_LABEL.items()
+    }
+    sources = by_label["draft_tokens_by_source"]
+    proposed = sum(n or 0 for n in sources.values())
     token_ids = [ids for s in samples for ids in s["token_ids"]]
     prompt_tokens = [n for s in samples for n in s["prompt_tokens"]]
     tpot, decode = pooled["tpot"], pooled["decode"]
@@ -39,6 +46,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
         "batches": len(samples),
         "wall_seconds": pooled["wall_seconds"],
+        "output_tokens": sum(map(len, token_ids)) / len(token_ids),  # a request's, on average
         "output_tokens_per_second": sum(map(len, token_ids)) / pooled["wall_seconds"],
         "tpot_seconds": tpot[1] / tpot[0],
         # Per batch, in the order run: how far the machine moved between batches (the spread of a ratio).
@@ -55,10 +63,58 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "draft_steps": draft_time[0],
         "draft_seconds": draft_time[1],
         "mean_chosen_gamma": chosen[1] / chosen[0] if chosen[0] else None,
-        "gamma_decisions": {
-            reason: _pooled([s["gamma_decisions"][reason] for s in samples]) for reason in REASONS
-        },
+        **by_label,
+        "lookup_share": (sources["lookup"] or 0) / proposed if proposed else None,
     }
+
+
+def method_records(
+    plan: list[Method],
+    workloads: list[Workload],
+    samples: dict[tuple[str, str], list[dict[str, Any]]],
+    temperature: float,
+) -> list[dict[str, Any]]:
+    """Each method's figures on each workload (`summarize`), its outputs compared with the first method's
+    (no speculation, or the first server), and its speedups against no speculation's where that ran.
+    Sampled (`temperature` > 0), an output differs from no speculation's legitimately, so the comparison is
+    None: that sampling stays lossless is what the test suite's distribution test checks
+    (tests/test_std_sampling.py)."""
+    records: list[dict[str, Any]] = []
+    reference: dict[str, list[list[int]]] = {}
+    for method in plan:
+        for workload in workloads:
+            record = summarize(samples[method.label, workload.label])
+            token_ids = record.pop("token_ids")
+            reference.setdefault(workload.label, token_ids)
+            record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
+            record["method"], record["workload"] = method.label, workload.label
+            record["identical_to_no_speculation"] = (
+                token_ids == reference[workload.label] if temperature == 0 else None
+            )
+            if method.top_k:
+                record["sparse_context"] = (
+                    min(method.top_k, workload.visual_tokens)
+                    + record["prompt_tokens"]
+                    - workload.visual_tokens
+                )
+            if method.gamma and method.kind not in ADAPTIVE:  # adaptive's length varies: no per-step cost
+                step_costs(record, method.gamma)
+            records.append(record)
+    none = {r["workload"]: r for r in records if r["method"] == "none"}
+    for r in records:
+        if r["workload"] in none:
+            base = none[r["workload"]]
+            r["speedup_tpot"] = base["tpot_seconds"] / r["tpot_seconds"]
+            r["speedup_tpot_by_batch"] = [
+                a / b for a, b in zip(base["tpot_seconds_by_batch"], r["tpot_seconds_by_batch"], strict=True)
+            ]
+            r["speedup_throughput"] = r["output_tokens_per_second"] / base["output_tokens_per_second"]
+    return records
+
+
+def exit_status(records: list[dict[str, Any]]) -> int:
+    """1 if any output differs from no speculation's; sampled runs, not compared (None), pass."""
+    return 1 if any(r["identical_to_no_speculation"] is False for r in records) else 0
 
 
 def conditional_acceptance(reached: list[float]) -> list[float]:
@@ -109,29 +165,45 @@ def pooled_speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def fit_cost_model(records: list[dict[str, Any]], output_len: int) -> CostModel | None:
-    """Dense steps from the runs without speculation; draft and verify steps from STD's runs (a step's
-    context is the prompt plus half the output; a draft step's, the kept visual tokens plus text)."""
+def step_context(record: dict[str, Any], sparse: bool = False) -> float:
+    """A decode step's context on average over a request's output: the prompt (with `sparse`, the kept
+    visual tokens plus text, what a draft step reads) plus half the output (a one-pass request's output
+    ends sooner than the others')."""
+    return record["sparse_context" if sparse else "prompt_tokens"] + record["output_tokens"] / 2
+
+
+def fit_cost_model(records: list[dict[str, Any]]) -> CostModel | None:
+    """Dense steps from the runs without speculation; draft and verify steps from STD's runs, each at its
+    context (`step_context`)."""
     dense = [r for r in records if r["kind"] == "none"]
     std = [r for r in records if r["kind"] == "std" and r["draft_steps"]]
     if len(dense) < 1 or not std:
         return None
-    context = lambda r: r["prompt_tokens"] + output_len / 2  # noqa: E731
     dense_cost = fit_step_cost(
-        [r["batch"] for r in dense], [context(r) for r in dense], [r["tpot_seconds"] for r in dense]
+        [r["batch"] for r in dense], [step_context(r) for r in dense], [r["tpot_seconds"] for r in dense]
     )
     draft_cost = fit_step_cost(
         [r["batch"] for r in std],
-        [r["sparse_context"] + output_len / 2 for r in std],
+        [step_context(r, sparse=True) for r in std],
         [r["draft_step_seconds"] for r in std],
     )
     verify_cost = fit_verify_cost(
         [r["batch"] for r in std],
-        [context(r) for r in std],
+        [step_context(r) for r in std],
         [r["gamma"] for r in std],
         [r["verify_step_seconds"] for r in std],
     )
     return CostModel(dense_cost, draft_cost, verify_cost)
+
+
+def predict(records: list[dict[str, Any]], cost_model: CostModel) -> None:
+    """Adds the cost model's predicted speedup to each fixed-gamma run of STD's drafter that accepted
+    anything (adaptive runs choose their own gamma step by step: no single prediction)."""
+    for r in records:
+        if r["kind"] in ("std", "std_onehot", *BASELINES) and r["accepted_at"]:
+            r["predicted_speedup"] = cost_model.speedup(
+                r["batch"], step_context(r), step_context(r, sparse=True), r["accepted_at"], r["gamma"]
+            )
 
 
 def step_costs(record: dict[str, Any], gamma: int) -> None:

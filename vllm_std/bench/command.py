@@ -13,10 +13,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vllm_std.bench.analysis import fit_cost_model, pooled_speedups, step_costs, summarize
+from vllm_std.bench.analysis import exit_status, fit_cost_model, method_records, pooled_speedups, predict
 from vllm_std.bench.engines import Batch, Engine, EngineProcess, engine_processes
 from vllm_std.bench.methods import (
-    BASELINES,
+    ANSWERS,
     METHODS,
     OPT_IN,
     Method,
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     plan = _plan(args)
     model, videos = _workload_source(args)
-    base = [Workload(v, b) for v in args.visual_tokens for b in args.batch]
+    answers = _answers(args, isinstance(videos, LookupQuestions))
+    base = [Workload(v, b, answers=a) for a in answers for v in args.visual_tokens for b in args.batch]
     workloads = [turn for w in base for turn in w.turns(args.turns)]
     if args.server:
         urls = dict(args.server)
@@ -154,31 +155,10 @@ def run(args: argparse.Namespace) -> int:
     interleaved = args.schedule == "interleaved"
     samples = sample_methods(plan, rounds, start, videos.requests, args.output_len, interleaved, args.turns)
     records = method_records(plan, workloads, samples, args.temperature)
-    none = {r["workload"]: r for r in records if r["method"] == "none"}
-    for r in records:
-        if r["workload"] in none:
-            r["speedup_tpot"] = none[r["workload"]]["tpot_seconds"] / r["tpot_seconds"]
-            r["speedup_tpot_by_batch"] = [
-                a / b
-                for a, b in zip(
-                    none[r["workload"]]["tpot_seconds_by_batch"], r["tpot_seconds_by_batch"], strict=True
-                )
-            ]
-            r["speedup_throughput"] = (
-                r["output_tokens_per_second"] / none[r["workload"]]["output_tokens_per_second"]
-            )
     pooled = pooled_speedups(records)
-    cost_model = fit_cost_model(records, args.output_len)
+    cost_model = fit_cost_model(records)
     if cost_model is not None:
-        for r in records:
-            if r["kind"] in ("std", "std_onehot", *BASELINES) and r["accepted_at"]:
-                r["predicted_speedup"] = cost_model.speedup(
-                    r["batch"],
-                    r["prompt_tokens"] + args.output_len / 2,
-                    r["sparse_context"] + args.output_len / 2,
-                    r["accepted_at"],
-                    r["gamma"],
-                )
+        predict(records, cost_model)
     result = {
         "command": vars(args),
         "model": model,
@@ -194,45 +174,6 @@ def run(args: argparse.Namespace) -> int:
     write_report(result, out)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots")
     return exit_status(records)
-
-
-def method_records(
-    plan: list[Method],
-    workloads: list[Workload],
-    samples: dict[tuple[str, str], list[dict[str, Any]]],
-    temperature: float,
-) -> list[dict[str, Any]]:
-    """Each method's figures on each workload (`summarize`), its outputs compared with the first method's
-    (no speculation, or the first server). Sampled (`temperature` > 0), an output differs from no
-    speculation's legitimately, so the comparison is None: that sampling stays lossless is what the test
-    suite's distribution test checks (tests/test_std_sampling.py)."""
-    records: list[dict[str, Any]] = []
-    reference: dict[str, list[list[int]]] = {}
-    for method in plan:
-        for workload in workloads:
-            record = summarize(samples[method.label, workload.label])
-            token_ids = record.pop("token_ids")
-            reference.setdefault(workload.label, token_ids)
-            record |= dataclasses.asdict(method) | dataclasses.asdict(workload)
-            record["method"], record["workload"] = method.label, workload.label
-            record["identical_to_no_speculation"] = (
-                token_ids == reference[workload.label] if temperature == 0 else None
-            )
-            if method.top_k:
-                record["sparse_context"] = (
-                    min(method.top_k, workload.visual_tokens)
-                    + record["prompt_tokens"]
-                    - workload.visual_tokens
-                )
-            if method.gamma and method.kind != "adaptive":  # adaptive's length varies: no per-step cost
-                step_costs(record, method.gamma)
-            records.append(record)
-    return records
-
-
-def exit_status(records: list[dict[str, Any]]) -> int:
-    """1 if any output differs from no speculation's; sampled runs, not compared (None), pass."""
-    return 1 if any(r["identical_to_no_speculation"] is False for r in records) else 0
 
 
 def _plan(args: argparse.Namespace) -> list[Method]:
@@ -299,6 +240,34 @@ def _workload_source(args: argparse.Namespace) -> tuple[str, VideoQuestions | Lo
     return model, videos
 
 
+def _answers(args: argparse.Namespace, lookup: bool) -> list[str]:
+    """`--answers`, resolved once the model is known (`lookup`: the look-up fixture) and written back: both
+    by default on the fixture (cycling only with `--turns` > 1), cycling for other models. One-pass is
+    refused for other models (their answers are not the fixture's) and with follow-ups (its video has one
+    clip: a follow-up could only ask for the same answer again, which its context then holds)."""
+    if args.answers is None:
+        args.answers = list(ANSWERS) if lookup and args.turns == 1 else ["cycling"]
+    elif "one-pass" in args.answers and not lookup:
+        raise SystemExit(
+            "vllm-std bench: error: argument --answers: one-pass needs the look-up fixture (--model sparse "
+            f"or a folder it was retrained into), not {args.model}"
+        )
+    elif "one-pass" in args.answers and args.turns > 1:
+        raise SystemExit(
+            "vllm-std bench: error: argument --answers: one-pass has no follow-ups (its video has one clip): "
+            "run it with --turns 1"
+        )
+    return args.answers
+
+
+def _answer_kinds(text: str) -> list[str]:
+    """`--answers` (argparse type): comma-separated values of ANSWERS, each once."""
+    kinds = list(dict.fromkeys(text.split(",")))
+    if any(k not in ANSWERS for k in kinds):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {', '.join(ANSWERS)}; got {text!r}")
+    return kinds
+
+
 def _temperature(text: str) -> float:
     """`--temperature` (argparse type): a number >= 0."""
     try:
@@ -330,7 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         type=lambda s: s.split(","),
         help="comma-separated: none, std (fixed gamma), std_onehot (std verifying argmax drafts as one-hot, "
-        '`"draft_probs": false`: the comparison for --temperature > 0; only when named), adaptive, ngram, '
+        '`"draft_probs": false`: the comparison for --temperature > 0; only when named), adaptive, '
+        'adaptive_sparse (adaptive without look-up drafts, `"lookup": false`), ngram, '
         "suffix (vLLM's suffix decoding; it needs `pip install arctic-inference`), streaming (the paper's "
         "StreamingLLM drafter), recent_visual, random (default: all but std_onehot, suffix where installed)",
     )
@@ -351,6 +321,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=f"1..{MAX_TURNS}",
         help="turns of a conversation about each video: every later turn is a follow-up question whose "
         "video KV comes from the prefix cache; each turn is its own workload in the results",
+    )
+    parser.add_argument(
+        "--answers",
+        type=_answer_kinds,
+        metavar="cycling,one-pass",
+        help="the look-up fixture's workloads: cycling (a clip's 12 words, cycling for all of --output-len) "
+        "and one-pass (one clip of all 48 content words: an answer of 49 tokens, none twice, at which the "
+        "output stops whatever --output-len says), each its own column (`4k x4 one-pass`). Default: both "
+        "on the fixture (cycling only with --turns > 1: one-pass has no follow-ups, and is refused with "
+        "them); cycling for other models, which refuse one-pass",
     )
     parser.add_argument(
         "--repeats",

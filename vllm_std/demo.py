@@ -139,7 +139,9 @@ def _report(plan: list[Method], figures: dict[str, dict[str, Any]]) -> int:
 def _acceptance(f: dict[str, Any]) -> str:
     if not f["draft_tokens"]:
         return "no drafts"
+    looked_up = f.get("lookup_share")
+    source = f", {looked_up:.0%} of them look-up drafts" if looked_up else ""
     return (
         f"acceptance {f['acceptance_rate']:.0%} of {f['draft_tokens']:.0f} draft tokens "
-        f"(mean accepted length {f['mean_acceptance_length']:.2f})"
+        f"(mean accepted length {f['mean_acceptance_length']:.2f}{source})"
     )

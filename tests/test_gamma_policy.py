@@ -402,3 +402,24 @@ def test_look_up_drafts_are_chosen_by_their_own_acceptance() -> None:
     assert not invents.looked_up
     # Without look-up drafts found, both draft sparse.
     assert not any(d.looked_up for d in policy.decide(CPU, drafting, [], lookups=[0, 0]))
+
+
+def test_a_found_look_up_draft_is_tried_first_and_retried_later() -> None:
+    """A request's first look-up draft is tried as if it would be accepted, even where its sparse drafts
+    are (a look-up costs no draft step, and its acceptance is unknown until tried); one whose look-ups were
+    rejected tries again once its retry is due, each rejected retry doubling the wait."""
+    policy = GammaPolicy(max_gamma=6, probe_interval=16, min_gain=0.1)
+    for _ in range(4):
+        policy.record("r", 6, 6)
+    drafting = [("r", CONTEXT, SPARSE)]
+    assert policy.decide(CPU, drafting, [], lookups=[6])[0].looked_up
+    policy.record("r", 6, 0, looked_up=True)
+    steps = 0
+    while not policy.decide(CPU, drafting, [], lookups=[6])[0].looked_up:
+        steps += 1
+    assert steps == 15  # the first retry is due `probe_interval` steps after the rejected round
+    policy.record("r", 6, 0, looked_up=True)
+    steps = 0
+    while not policy.decide(CPU, drafting, [], lookups=[6])[0].looked_up:
+        steps += 1
+    assert steps == 31

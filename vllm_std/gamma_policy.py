@@ -98,6 +98,10 @@ class GammaPolicy:
         # The same, of look-up drafts.
         self.engine_lookup = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
         self.lookups: dict[str, AcceptanceTracker] = {}
+        # Look-up retries: by request, the step from which its next found look-up draft is tried as if it
+        # would be accepted, and the wait after that one.
+        self._steps = 0
+        self._lookup_retry: dict[str, tuple[int, int]] = {}
         self._wait = probe_interval  # steps between probe rounds
         self._since_probe = 0
         self._seen: set[str] = set()
@@ -115,6 +119,11 @@ class GammaPolicy:
             self.engine_lookup.update(drafted, accepted)
             tracker = self.lookups.setdefault(req_id, AcceptanceTracker(self.max_gamma, self.REQUEST_DECAY))
             tracker.update(drafted, accepted)
+            wait = self.probe_interval
+            if accepted < drafted:  # the next retry waits twice as long as the last
+                _, last = self._lookup_retry.get(req_id, (0, self.probe_interval // 2))
+                wait = min(2 * last, self.MAX_BACKOFF * self.probe_interval)
+            self._lookup_retry[req_id] = (self._steps + wait, wait)
             self._idle_batch = None
             return
         self.engine.update(drafted, accepted)
@@ -133,6 +142,7 @@ class GammaPolicy:
         for req_id in req_ids:
             self.requests.pop(req_id, None)
             self.lookups.pop(req_id, None)
+            self._lookup_retry.pop(req_id, None)
             self._again.pop(req_id, None)
         self._seen -= req_ids
         self._probing -= req_ids
@@ -148,6 +158,16 @@ class GammaPolicy:
         engine = (self.engine_lookup if looked_up else self.engine).estimate(0.5, 1.0)
         tracker = (self.lookups if looked_up else self.requests).get(req_id)
         return tracker.estimate(engine[0], self.PRIOR_STRENGTH) if tracker else engine
+
+    def lookup_accepted_at(self, req_id: str) -> list[float]:
+        """The acceptance a found look-up draft is planned with: the request's own, except before its first
+        look-up round and once its retry is due, when it is tried as if every token would be accepted. A
+        look-up draft costs no draft step, so trying one costs little, while never trying would leave a
+        request whose answer starts to repeat (the first cycle of a list, a quote) on its first estimate."""
+        due, _ = self._lookup_retry.get(req_id, (0, 0))
+        if req_id not in self.lookups or self._steps >= due:
+            return [1.0]
+        return self.accepted_at(req_id, looked_up=True)
 
     def decide(
         self,
@@ -170,6 +190,7 @@ class GammaPolicy:
             self.repeat_idle()
             return [NOT_PAYING] * len(drafting)
         self._since_probe += 1
+        self._steps += 1
         due = self._since_probe >= self._wait
         rows: list[RoundRow] = [(n, sparse, self.accepted_at(req_id)) for req_id, n, sparse in drafting]
         rows += [(n, n, None) for n in others]
@@ -177,7 +198,7 @@ class GammaPolicy:
         if found:
             assert lookups is not None
             lookup_rows = [
-                (length, self.accepted_at(req_id, looked_up=True)) if length else None
+                (length, self.lookup_accepted_at(req_id)) if length else None
                 for (req_id, *_), length in zip(drafting, lookups, strict=True)
             ] + [None] * len(others)
         planned = cost.plan_rounds(rows, self.max_gamma, self.min_gain, lookup_rows)
@@ -239,6 +260,7 @@ class GammaPolicy:
         """A step of the batch of the last `decide`, within `idle_steps_ahead`: counted as `decide` would
         count it, every request not drafting."""
         self._since_probe += 1
+        self._steps += 1
         self._idle_age += 1
 
     def _probe(

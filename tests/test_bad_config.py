@@ -28,8 +28,8 @@ GAMMA = "allowed: an integer from 1 to 32"
 TOP_K = "allowed: an integer >= 1 (visual tokens kept per layer)"
 MODALITIES = 'allowed: a non-empty list of "video" and/or "image"'
 KNOWN = (
-    "known fields: adaptive, cost_profile, method, min_gain, min_visual_tokens, modalities, "
-    "num_speculative_tokens, probe_interval, selection, top_k"
+    "known fields: adaptive, cost_profile, draft_probs, lookup, method, min_gain, min_visual_tokens, "
+    "modalities, num_speculative_tokens, probe_interval, selection, top_k"
 )
 PROFILE = "allowed: the path of a JSON file written by `vllm-std calibrate`"
 NOT_A_PROFILE = str(Path(__file__).parents[1] / "pyproject.toml")
@@ -97,6 +97,10 @@ ROWS = [
         'allowed: "attention" (STD)',
     ),
     bad_value("adaptive-word", std(adaptive="yes"), "speculative_config.adaptive", "allowed: true or false"),
+    bad_value("lookup-word", std(lookup="off"), "speculative_config.lookup", "allowed: true or false"),
+    bad_value(
+        "draft-probs-number", std(draft_probs=1), "speculative_config.draft_probs", "allowed: true or false"
+    ),
     bad_value(
         "probe-zero", std(probe_interval=0), "speculative_config.probe_interval", "allowed: an integer >= 1"
     ),

@@ -187,17 +187,28 @@ def test_cpu_expand_kernel_patch_matches_the_triton_kernel(
     assert _expand(cpu_triton_utils._expand_kernel_impl, values, cu, size, dtype) == pytest.approx(want)
 
 
+_WORKER_START = """
+from vllm.plugins import load_general_plugins
+from vllm.platforms import current_platform
+from vllm.v1.sample import rejection_sampler
+load_general_plugins()
+current_platform.register_triton_kernel_overrides()
+print(getattr(rejection_sampler.expand_kernel.func, "__vllm_std_patch__", False))
+"""
+
+
 def test_vllm_routes_the_expand_kernel_to_the_patch() -> None:
-    """A worker loads plugins, then registers vLLM's CPU kernel fallbacks: the patched function is used."""
-    from vllm.platforms import current_platform
+    """A worker loads plugins, then registers vLLM's CPU kernel fallbacks: the patched function is used.
+
+    In a fresh interpreter, as in a worker: vLLM's registration scans every loaded module and fails on
+    llvmlite's library wrapper, which earlier tests in this process load (through numba)."""
     from vllm.triton_utils import HAS_TRITON
-    from vllm.v1.sample import rejection_sampler
 
     if HAS_TRITON:
         pytest.skip("Triton-CPU present: vLLM runs the Triton kernel itself, no fallback to patch")
-    patches.CPUExpandKernelPatch.apply()
-    current_platform.register_triton_kernel_overrides()
-    assert getattr(rejection_sampler.expand_kernel.func, "__vllm_std_patch__", False)
+    out = subprocess.run([sys.executable, "-c", _WORKER_START], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stdout[-2000:]
 
 
 @pytest.mark.parametrize(("values", "cu", "size", "dtype"), CASES[:2])

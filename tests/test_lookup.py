@@ -1,37 +1,39 @@
 """Look-up drafts: what followed the request's latest tokens earlier in its text, never in its video; with
-both matchers (the suffix tree where Arctic Inference is installed)."""
+each matcher and with both (the suffix tree where Arctic Inference is installed)."""
 
 import importlib.util
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from vllm_std.lookup import LookupDrafter, NgramLookup, SuffixLookup, lookup_drafter
+from vllm_std.lookup import LongestLookup, LookupMatcher, NgramLookup, SuffixLookup, lookup_drafter
 
 VIDEO = 9  # a visual placeholder token id
+ARCTIC = pytest.mark.skipif(
+    importlib.util.find_spec("arctic_inference") is None, reason="Arctic Inference is not installed"
+)
 MATCHERS = [
-    NgramLookup,
-    pytest.param(
-        SuffixLookup,
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("arctic_inference") is None, reason="Arctic Inference is not installed"
-        ),
-    ),
+    lambda: NgramLookup(1024),
+    pytest.param(SuffixLookup, marks=ARCTIC),
+    pytest.param(lambda: lookup_drafter(1024), marks=ARCTIC),
 ]
 
+Matcher = Callable[[], LookupMatcher]
 
-@pytest.fixture(params=MATCHERS, ids=["ngram", "suffix"])
-def matcher(request: pytest.FixtureRequest) -> type[LookupDrafter]:
+
+@pytest.fixture(params=MATCHERS, ids=["ngram", "suffix", "both"])
+def matcher(request: pytest.FixtureRequest) -> Matcher:
     return request.param
 
 
-def _drafter(matcher: type[LookupDrafter], prompt: list[int], visual: list[bool]) -> LookupDrafter:
-    drafter = matcher(1024)
+def _drafter(matcher: Matcher, prompt: list[int], visual: list[bool]) -> LookupMatcher:
+    drafter = matcher()
     drafter.admit("r", np.array(prompt, dtype=np.int32), np.array(visual))
     return drafter
 
 
-def test_the_output_repeating_itself_is_looked_up(matcher: type[LookupDrafter]) -> None:
+def test_the_output_repeating_itself_is_looked_up(matcher: Matcher) -> None:
     prompt = [1, 2, VIDEO, VIDEO, 3]
     drafter = _drafter(matcher, prompt, [False, False, True, True, False])
     tokens = np.array([*prompt, 4, 5, 6, 7, 4, 5, 6], dtype=np.int32)
@@ -39,14 +41,14 @@ def test_the_output_repeating_itself_is_looked_up(matcher: type[LookupDrafter]) 
     assert drafter.propose("r", tokens, 2) == [7, 4]
 
 
-def test_the_prompt_text_is_looked_up(matcher: type[LookupDrafter]) -> None:
+def test_the_prompt_text_is_looked_up(matcher: Matcher) -> None:
     """A caption that restates the question: the answer continues as the question did."""
     prompt = [1, 2, VIDEO, VIDEO, 5, 6, 7, 8]
     drafter = _drafter(matcher, prompt, [False, False, True, True, False, False, False, False])
     assert drafter.propose("r", np.array([*prompt, 5, 6], dtype=np.int32), 2) == [7, 8]
 
 
-def test_visual_tokens_are_never_matched(matcher: type[LookupDrafter]) -> None:
+def test_visual_tokens_are_never_matched(matcher: Matcher) -> None:
     """A run of placeholder tokens matches itself everywhere and predicts nothing: it is not searched."""
     prompt = [1, *[VIDEO] * 8]
     tokens = np.array([*prompt, VIDEO], dtype=np.int32)
@@ -54,7 +56,7 @@ def test_visual_tokens_are_never_matched(matcher: type[LookupDrafter]) -> None:
     assert _drafter(matcher, prompt, [False] * len(prompt)).propose("r", tokens, 4) != []
 
 
-def test_released_requests_are_forgotten(matcher: type[LookupDrafter]) -> None:
+def test_released_requests_are_forgotten(matcher: Matcher) -> None:
     drafter = _drafter(matcher, [1, 2, 3], [False] * 3)
     drafter.admit("s", np.array([4], dtype=np.int32), np.array([False]))
     drafter.forget({"s"})
@@ -63,15 +65,36 @@ def test_released_requests_are_forgotten(matcher: type[LookupDrafter]) -> None:
     assert not drafter.known("s")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("arctic_inference") is None, reason="Arctic Inference missing")
+@ARCTIC
 def test_the_suffix_tree_learns_from_earlier_answers() -> None:
     """A released request's answer stays in the cross-request tree: the next request asking the same is
     drafted from it (vLLM's ngram matcher, which reads one request's text, cannot)."""
     drafter = lookup_drafter(1024)
-    assert isinstance(drafter, SuffixLookup)
+    assert isinstance(drafter, LongestLookup)
     question = [1, 2, 3]
     drafter.admit("a", np.array(question, dtype=np.int32), np.zeros(3, dtype=bool))
     drafter.propose("a", np.array([*question, 40, 41, 42, 43, 44], dtype=np.int32), 4)
     drafter.release(["a"])
     drafter.admit("b", np.array(question, dtype=np.int32), np.zeros(3, dtype=bool))
     assert drafter.propose("b", np.array([*question, 40], dtype=np.int32), 3)[:1] == [41]
+
+
+@ARCTIC
+def test_both_matchers_draft_the_longer_draft() -> None:
+    """In an answer that starts to repeat, the suffix tree drafts no more tokens than its match is long; the
+    n-gram match drafts the whole round, and with both the round gets it."""
+    prompt = [1, 2, 3]
+    answer = [40, 41, 42, 43, 44, 45, 46, 47, 40, 41]
+    tokens = np.array([*prompt, *answer], dtype=np.int32)
+    drafts = {}
+    for name, make in (
+        ("ngram", lambda: NgramLookup(1024)),
+        ("suffix", SuffixLookup),
+        ("both", lambda: lookup_drafter(1024)),
+    ):
+        drafter = make()
+        drafter.admit("r", np.array(prompt, dtype=np.int32), np.zeros(3, dtype=bool))
+        drafts[name] = drafter.propose("r", tokens, 6)
+    assert drafts["ngram"] == [42, 43, 44, 45, 46, 47]
+    assert len(drafts["suffix"]) < 6
+    assert drafts["both"] == drafts["ngram"]

@@ -121,13 +121,16 @@ class StepOverhead:
     it pays."""
 
     WINDOW = 64
+    SETTLED = 16
 
     def __init__(self) -> None:
         self._plain: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self._verify: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.WINDOW)
         self._drafting: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.WINDOW)
+        self._observed = 0
 
     def observe(self, seconds: float, predicted_forward: float, drafts: int) -> None:
+        self._observed += 1
         residual = max(seconds - predicted_forward, 0.0)
         if drafts:
             self._verify.append((drafts, residual))
@@ -138,6 +141,12 @@ class StepOverhead:
         """A drafting round that took `seconds` against `(forward seconds, draft steps)` predicted."""
         forward, steps = predicted
         self._drafting.append((steps, max(seconds - forward, 0.0)))
+
+    @property
+    def settling(self) -> bool:
+        """The engine's first steps: too few plain ones yet for their median to hold still (for at most
+        `WINDOW` steps, as an engine that drafts at every step sees none)."""
+        return len(self._plain) < self.SETTLED and self._observed < self.WINDOW
 
     @property
     def fixed(self) -> float:

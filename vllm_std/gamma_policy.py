@@ -11,7 +11,8 @@ Requests that stopped drafting probe together, in one round every `probe_interva
 notice when drafting would pay again; they share the round's verify step. Each probe round doubles the
 wait before the next (up to `MAX_BACKOFF` times `probe_interval`), so rejected probes cost ever less; a
 probe that is fully accepted resets it, and its request probes again at the next step with twice as many
-drafts. A request that has not drafted yet probes at its first step. The requests probing in a step probe
+drafts. A request that has not drafted yet probes as soon as drafting could pay (at its first step, unless
+the engine's overheads are still being measured). The requests probing in a step probe
 together, the fewest tokens that would pay (speed the batch up by more than the margin) if all were
 accepted (alone, one request of a batch would pay for a whole round to speed up only itself); where not
 even that pays, acceptance is not what stops drafting, and nothing is probed. Except in a due probe
@@ -99,9 +100,11 @@ class GammaPolicy:
         self.engine_lookup = AcceptanceTracker(max_gamma, self.ENGINE_DECAY)
         self.lookups: dict[str, AcceptanceTracker] = {}
         # Look-up retries: by request, the step from which its next found look-up draft is tried as if it
-        # would be accepted, and the wait after that one.
+        # would be accepted, and the wait after that one; and the length of its last look-up draft if that
+        # was rejected (a longer one, from a longer match, is tried at once).
         self._steps = 0
         self._lookup_retry: dict[str, tuple[int, int]] = {}
+        self._lookup_rejected: dict[str, int] = {}
         self._wait = probe_interval  # steps between probe rounds
         self._since_probe = 0
         self._seen: set[str] = set()
@@ -120,9 +123,11 @@ class GammaPolicy:
             tracker = self.lookups.setdefault(req_id, AcceptanceTracker(self.max_gamma, self.REQUEST_DECAY))
             tracker.update(drafted, accepted)
             wait = self.probe_interval
+            self._lookup_rejected.pop(req_id, None)
             if accepted < drafted:  # the next retry waits twice as long as the last
                 _, last = self._lookup_retry.get(req_id, (0, self.probe_interval // 2))
                 wait = min(2 * last, self.MAX_BACKOFF * self.probe_interval)
+                self._lookup_rejected[req_id] = drafted
             self._lookup_retry[req_id] = (self._steps + wait, wait)
             self._idle_batch = None
             return
@@ -143,6 +148,7 @@ class GammaPolicy:
             self.requests.pop(req_id, None)
             self.lookups.pop(req_id, None)
             self._lookup_retry.pop(req_id, None)
+            self._lookup_rejected.pop(req_id, None)
             self._again.pop(req_id, None)
         self._seen -= req_ids
         self._probing -= req_ids
@@ -159,15 +165,21 @@ class GammaPolicy:
         tracker = (self.lookups if looked_up else self.requests).get(req_id)
         return tracker.estimate(engine[0], self.PRIOR_STRENGTH) if tracker else engine
 
-    def lookup_accepted_at(self, req_id: str) -> list[float]:
-        """The acceptance a found look-up draft is planned with: the request's own, except before its first
-        look-up round and once its retry is due, when it is tried as if every token would be accepted. A
-        look-up draft costs no draft step, so trying one costs little, while never trying would leave a
-        request whose answer starts to repeat (the first cycle of a list, a quote) on its first estimate."""
+    def lookup_accepted_at(self, req_id: str, length: int) -> list[float]:
+        """The acceptance a found look-up draft of `length` tokens is planned with: the request's own, except
+        where it is tried as if every token would be accepted: before the request's first look-up round,
+        after a fully accepted one, when it is longer than the last rejected one (a longer match: the
+        answer may have started to repeat) and once its retry is due. A look-up draft costs no draft step,
+        so trying one costs little, while never trying would leave a request whose answer starts to repeat
+        (the first cycle of a list, a quote) on the estimate of the short chance matches before it."""
         due, _ = self._lookup_retry.get(req_id, (0, 0))
-        if req_id not in self.lookups or self._steps >= due:
+        if req_id not in self.lookups or self._steps >= due or length > self._lookup_rejected.get(req_id, 0):
             return [1.0]
         return self.accepted_at(req_id, looked_up=True)
+
+    def costs_changed(self) -> None:
+        """The cost model was priced anew: an all-zero plan is checked again at the next step."""
+        self._idle_batch = None
 
     def decide(
         self,
@@ -198,7 +210,7 @@ class GammaPolicy:
         if found:
             assert lookups is not None
             lookup_rows = [
-                (length, self.lookup_accepted_at(req_id)) if length else None
+                (length, self.lookup_accepted_at(req_id, length)) if length else None
                 for (req_id, *_), length in zip(drafting, lookups, strict=True)
             ] + [None] * len(others)
         planned = cost.plan_rounds(rows, self.max_gamma, self.min_gain, lookup_rows)
@@ -213,8 +225,8 @@ class GammaPolicy:
             again = self._again.pop(req_id, 0)
             if paying[i]:
                 continue
-            # A request that has never drafted probes at once: its own acceptance is unknown until it drafts,
-            # and the engine-wide estimate may come from other videos (or be the bare prior).
+            # A request that has never drafted probes as soon as that could pay: its own acceptance is unknown
+            # until it drafts, and the engine-wide estimate may come from other videos (or be the bare prior).
             new = req_id not in self._seen
             idle |= not new
             if new or again:
@@ -237,7 +249,8 @@ class GammaPolicy:
                 self._probing.add(req_id)
             else:
                 decisions.append(NOT_PAYING)
-        self._seen.update(batch[0])
+        sparse = (d.gamma and not d.looked_up for d in decisions)
+        self._seen.update(req_id for (req_id, *_), drafts in zip(drafting, sparse, strict=True) if drafts)
         if due:
             self._since_probe = 0
             if idle:  # a probe round (whether or not any probe could pay): the next one waits longer

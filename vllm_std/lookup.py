@@ -8,15 +8,36 @@ the same acceptance. The text searched is the prompt without its visual placehol
 token id that match anything and predict nothing), then the output so far: the prompt is cut once per
 request, so a round searches text and output only, never the video.
 
-Two matchers, one interface (`lookup_drafter` picks): Arctic Inference's suffix tree where the package is
-installed (vLLM's `suffix` method uses it: per-request and cross-request trees, updated with each new
-token), vLLM's own n-gram matcher otherwise (its `ngram` method's: a scan of the request's text per round).
+Two matchers, one interface (`LookupMatcher`): vLLM's own n-gram matcher (its `ngram` method's: the
+longest match of the last 2..5 tokens, and up to the round's length of what followed it), and where the
+package is installed Arctic Inference's suffix tree (vLLM's `suffix` method's: per-request and
+cross-request trees, so also earlier requests' answers). With both (`lookup_drafter`), a round takes the
+longer draft: the suffix tree drafts no more tokens than its match is long, so inside a repeating answer
+the n-gram match drafts the whole round where the tree drafts a few tokens, while only the tree finds a
+continuation in an earlier request's answer.
 """
 
 import importlib.util
 from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
+
+
+class LookupMatcher(Protocol):
+    """Per request: admitted once with its prompt, asked for a draft each round, released when it ends."""
+
+    name: str
+
+    def known(self, req_id: str) -> bool: ...
+
+    def admit(self, req_id: str, prompt: np.ndarray, visual: np.ndarray) -> None: ...
+
+    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> list[int]: ...
+
+    def release(self, req_ids: Iterable[str]) -> None: ...
+
+    def forget(self, live_req_ids: set[str]) -> None: ...
 
 
 class NgramLookup:
@@ -68,7 +89,7 @@ class SuffixLookup:
     MAX_SPEC_FACTOR = 1.0
     MIN_TOKEN_PROB = 0.1
 
-    def __init__(self, max_model_len: int) -> None:
+    def __init__(self) -> None:
         from arctic_inference.suffix_decoding import SuffixDecodingCache
 
         self._cache = SuffixDecodingCache(self.MAX_TREE_DEPTH, self.MAX_CACHED_REQUESTS)
@@ -119,11 +140,42 @@ class SuffixLookup:
         self.release(set(self._prompts) - live_req_ids)
 
 
-LookupDrafter = NgramLookup | SuffixLookup
+class LongestLookup:
+    """Several matchers over the same requests: each round, the longest draft any of them finds (the
+    first matcher's where they are as long)."""
+
+    def __init__(self, matchers: list[LookupMatcher]) -> None:
+        self.matchers = matchers
+        self.name = " + ".join(m.name for m in matchers)
+
+    def known(self, req_id: str) -> bool:
+        return self.matchers[0].known(req_id)
+
+    def admit(self, req_id: str, prompt: np.ndarray, visual: np.ndarray) -> None:
+        for matcher in self.matchers:
+            matcher.admit(req_id, prompt, visual)
+
+    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> list[int]:
+        best: list[int] = []
+        for matcher in self.matchers:
+            draft = matcher.propose(req_id, tokens, max_tokens)
+            if len(draft) > len(best):
+                best = draft
+        return best
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        req_ids = list(req_ids)
+        for matcher in self.matchers:
+            matcher.release(req_ids)
+
+    def forget(self, live_req_ids: set[str]) -> None:
+        for matcher in self.matchers:
+            matcher.forget(live_req_ids)
 
 
-def lookup_drafter(max_model_len: int) -> LookupDrafter:
-    """The suffix tree where Arctic Inference is installed, vLLM's n-gram matcher otherwise."""
-    if importlib.util.find_spec("arctic_inference") is not None:
-        return SuffixLookup(max_model_len)
-    return NgramLookup(max_model_len)
+def lookup_drafter(max_model_len: int) -> LookupMatcher:
+    """vLLM's n-gram matcher, and Arctic Inference's suffix tree beside it where the package is installed."""
+    ngram = NgramLookup(max_model_len)
+    if importlib.util.find_spec("arctic_inference") is None:
+        return ngram
+    return LongestLookup([ngram, SuffixLookup()])

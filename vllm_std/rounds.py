@@ -17,7 +17,7 @@ from vllm_std.config import STDConfig
 from vllm_std.cost_model import CostModel
 from vllm_std.draft_step import DraftRequest
 from vllm_std.gamma_policy import Decision, GammaPolicy
-from vllm_std.lookup import LookupDrafter, lookup_drafter
+from vllm_std.lookup import LookupMatcher, lookup_drafter
 from vllm_std.metrics import STDMetrics
 from vllm_std.runner_view import RunnerView
 
@@ -55,7 +55,7 @@ class RoundPlanner:
     ) -> None:
         self.view, self.config, self.scorer, self.metrics = view, config, scorer, metrics
         self.gamma = config.num_speculative_tokens
-        self.lookup: LookupDrafter | None = (
+        self.lookup: LookupMatcher | None = (
             lookup_drafter(view.max_model_len) if config.lookup and config.adaptive else None
         )
         self.cost: CostModel | None = None
@@ -163,7 +163,8 @@ class RoundPlanner:
             lookups = [len(e.lookup) for e in eligible] if self.lookup is not None else None
             decisions = self.policy.decide(cost, drafting, others, probe_cost, lookups)
             chosen = list(zip(self._chosen(decisions), [d.looked_up for d in decisions], strict=True))
-            plan = chosen, 0 if any(gamma for gamma, _ in chosen) else self.policy.idle_steps_ahead()
+            idle = not any(gamma for gamma, _ in chosen) and not self.overhead.settling
+            plan = chosen, self.policy.idle_steps_ahead() if idle else 0
         chosen, self.idle_left = self.view.broadcast_from_rank0(plan)
         self._idle_eligible = len(eligible)
         return chosen
@@ -178,15 +179,19 @@ class RoundPlanner:
         """The cost model with the engine's measured overheads, and with only a plain step's (what a due
         probe round sizes its probes by: a round's own overheads are measured from rounds), read again every
         `OVERHEAD_REFRESH` steps (medians over the last 64 steps move slowly; reading them costs a tenth of
-        a millisecond)."""
-        assert self.cost is not None
-        if self._priced is None or self._priced_steps >= self.OVERHEAD_REFRESH:
+        a millisecond), and at every step of the engine's first ones, while they are still being measured
+        (until then the forward passes alone are priced, which on a small model hides what drafting
+        saves: the engine's own work per step). An all-zero plan is checked again under new prices."""
+        assert self.cost is not None and self.policy is not None
+        stale = self._priced_steps >= self.OVERHEAD_REFRESH or self.overhead.settling
+        if self._priced is None or stale:
             fixed = self.overhead.fixed
             self._priced = (
                 self.cost.with_overhead(fixed, *self.overhead.rounds()),
                 self.cost.with_overhead(fixed),
             )
             self._priced_steps = 0
+            self.policy.costs_changed()
         self._priced_steps += 1
         return self._priced
 

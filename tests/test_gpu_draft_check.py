@@ -41,15 +41,23 @@ def test_checks_time_and_project_with_torch_attention(tmp_path: Path) -> None:
     report = run(tmp_path)
     assert report["attention"] == "torch-gather"  # vLLM turns Triton off on a CPU
     assert report["checks"]["graph_vs_eager"] <= 2e-2
+    assert report["checks"]["piecewise_vs_eager"] <= 2e-2
     assert report["checks"]["slots_changed_outside_true_slots"] == 0
+    assert report["checks"]["failed"] == []
     kinds = {(s["kind"], s["mode"], s["batch"], s["context"]) for s in report["steps"]}
-    assert len(kinds) == len(report["steps"]) == 4 * 2 * 2  # dense, verify, draft graph and eager
-    assert all(s["bandwidth_bound_ratio"] > 0 for s in report["steps"] if s["kind"] == "draft")
-    assert {(r["batch"], r["alpha"]) for r in report["projection"]} == {
+    # per setting: dense, verify as vLLM launches it and packed, draft as one graph, as pieces and op by op;
+    # per batch: the weights-only step
+    assert len(kinds) == len(report["steps"]) == 6 * 2 * 2 + 2
+    assert all(s["bandwidth_bound_ratio"] > 0 for s in report["steps"])
+    assert set(report["projection"]) == {"graph drafts", "piecewise drafts", "eager drafts"}
+    assert {(r["batch"], r["alpha"]) for r in report["projection"]["piecewise drafts"]} == {
         (1, 0.8),
         (1, 0.9),
         (2, 0.8),
         (2, 0.9),
+    }
+    assert {(r["batch"], r["context"], r["drafts"]) for r in report["measured"]} == {
+        (b, c, m) for b in (1, 2) for c in (512, 1024) for m in ("graph", "piecewise", "eager")
     }
 
 
@@ -65,5 +73,7 @@ def test_prepared_kernel_runs_without_vllm_and_matches_torch(tmp_path: Path) -> 
         tmp_path, "--kernel-dir", str(kernels), "--batches", "1", "--contexts", "512", "--dtype", "float16"
     )
     assert report["attention"] == "vllm-triton"
+    assert report["checks"]["failed"] == []
     assert report["checks"]["kernel_vs_torch"] <= 2e-2
+    assert report["checks"]["piecewise_vs_eager"] <= 2e-2
     assert report["checks"]["slots_changed_outside_true_slots"] == 0

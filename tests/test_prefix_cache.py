@@ -94,6 +94,7 @@ def uncached() -> dict[str, Any]:
     return _results(spec=True, prefix_caching=False)
 
 
+@pytest.mark.slow  # the follow-up and scoring tests here keep the prefix-cache path in the default suite
 def test_outputs_equal_no_speculation(cached, uncached) -> None:
     expected = _results(spec=False, prefix_caching=True)["outputs"]
     assert cached["outputs"] == expected

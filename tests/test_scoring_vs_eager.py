@@ -22,7 +22,11 @@ from vllm_std.selection import select_blocks
 TOP_K = 256
 
 
-@pytest.mark.parametrize("max_num_batched_tokens", [512, 4096], ids=["chunked-prefill", "one-chunk"])
+# test_tp.py compares chunked-prefill scores with eager attention per rank; the chunked case here is slow.
+@pytest.mark.parametrize(
+    "max_num_batched_tokens",
+    [pytest.param(512, id="chunked-prefill", marks=pytest.mark.slow), pytest.param(4096, id="one-chunk")],
+)
 def test_vllm_scores_match_eager_attention(max_num_batched_tokens: int) -> None:
     path = str(tiny_model("qwen2_vl"))
     request = vllm_request(

@@ -231,7 +231,14 @@ CHAT_CASES: dict[str, tuple[Callable[[Path], list[dict[str, Any]]], bool]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CHAT_CASES))
+# The default suite keeps one case per kind of input; the slow suite adds file URLs, JPEG and mixed inputs
+# (offline, the lossless suite's mixed batch holds a video with an image).
+SLOW_CHAT_CASES = {"video-file-url", "image-jpeg", "video-and-image"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_CHAT_CASES else []) for c in CHAT_CASES]
+)
 def test_chat_answers_like_plain_server(case: str, both: Both, media_dir: Path) -> None:
     build, visual = CHAT_CASES[case]
     messages = build(media_dir)
@@ -253,7 +260,7 @@ def test_chat_answers_like_plain_server(case: str, both: Both, media_dir: Path) 
 # --- streaming ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("endpoint", ["chat", pytest.param("completions", marks=pytest.mark.slow)])
 def test_streamed_answer_equals_plain_answer(
     endpoint: str, both: Both, std_server: Server, media_dir: Path
 ) -> None:
@@ -403,6 +410,7 @@ NEAR_GREEDY = 2e-5  # just above vLLM's greedy threshold (1e-5), so the request 
 NEAR_GREEDY_SEED = 61  # this video's answer has top-2 logit gaps >= 0.06 at every step
 
 
+@pytest.mark.slow
 def test_near_greedy_sampling_is_greedy_on_plain_server(both: Both, media_dir: Path) -> None:
     """The premise of the next test: at temperature 2e-5 a token whose logit trails the top one by 0.06 has
     probability exp(-3000), so a sampled request gives the greedy answer on the plain server."""
@@ -421,6 +429,7 @@ def test_near_greedy_sampling_like_plain_server(both: Both, media_dir: Path) -> 
     assert _choice(std)["token_ids"] == greedy
 
 
+@pytest.mark.slow
 def test_n_2_sampled_is_served_alike(both: Both, media_dir: Path) -> None:
     """n = 2 with sampling is allowed with speculative decoding; both servers return two full choices.
 
@@ -456,6 +465,7 @@ def test_greedy_request_batched_with_sampled_one_like_plain_server(both: Both, m
     assert std == plain
 
 
+@pytest.mark.slow
 def test_concurrent_greedy_requests_like_plain_server(both: Both, media_dir: Path) -> None:
     """Three greedy requests at once (different videos, an image, text): batched drafting and verification."""
     requests_ = [
@@ -603,6 +613,7 @@ def test_quickstart_client_gets_the_plain_answer(
 # --- the bench against running servers ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_measures_running_servers(plain_server: Server, std_server: Server, tmp_path: Path) -> None:
     """`vllm-std bench --server`, as a user with a deployment runs it: both servers answer the same videos
     alike, every frame reaches the model (prompt lengths as offline), and the figures come from the servers'

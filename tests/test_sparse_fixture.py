@@ -208,6 +208,7 @@ def test_text_between_videos_does_not_score(path: str, prompts: sparse._Prompts)
     )
 
 
+@pytest.mark.slow  # the demo's test serves this fixture in vLLM too, with STD
 def test_vllm_serves_it_and_answers(path: str) -> None:
     llm = LLM(path, dtype="float32", max_model_len=4096, limit_mm_per_prompt={"video": 1}, seed=0)
     try:

@@ -88,6 +88,8 @@ def test_preemption_is_lossless(baseline: dict) -> None:
 FAULT_SPEC = {"method": "std", "num_speculative_tokens": 4, "top_k": 256, "adaptive": False}
 
 
+# test_server.py's test_drafter_faults_cost_drafts_not_answers injects the same faults into a running server.
+@pytest.mark.slow
 def test_drafter_faults_cost_drafts_never_outputs(capfd: pytest.CaptureFixture[str]) -> None:
     """An exception while scoring a prompt, selecting its blocks, or in the middle of a drafting round is
     caught where it happens: the requests it touched decode without drafts, one warning line names them,
@@ -130,7 +132,11 @@ def two_videos() -> tuple[list[dict], list[list[int]]]:
 @pytest.mark.parametrize(
     ("broken", "error"),
     [
-        ("view", "with every block kept, the draft step's logits differ from the dense step's"),
+        pytest.param(
+            "view",
+            "with every block kept, the draft step's logits differ from the dense step's",
+            marks=pytest.mark.slow,
+        ),
         ("write", "the draft step changed KV blocks"),
     ],
 )

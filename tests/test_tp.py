@@ -14,6 +14,8 @@ requests are scored or skipped, how many tokens are drafted, the drafted tokens 
 logits) is the same on every rank.
 """
 
+import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,43 +59,48 @@ def _run(llm: LLM) -> list[list[int]]:
     )
 
 
-@pytest.fixture(scope="module")
-def runs() -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def tp_engine(**kwargs: Any) -> Iterator[LLM]:
+    """A TP=2 engine, one worker per core."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(TP)))
-        with engine("qwen2_vl", **ENGINE_ARGS) as llm:
-            plain = _run(llm)
-        with engine("qwen2_vl", speculative_config=SPEC, **ENGINE_ARGS) as llm:
-            std = _run(llm)
-            counters = spec_decode_counters(llm)
-            metrics = std_metrics(llm)
-            reports = drafter_reports(llm)
-        with engine("qwen2_vl", speculative_config=ADAPTIVE, **ENGINE_ARGS) as llm:
-            adaptive = _run(llm)
-            decisions = std_metrics(llm)["gamma_decisions"]
-    yield {
-        "plain": plain,
-        "std": std,
-        "adaptive": adaptive,
-        "decisions": decisions,
-        "counters": counters,
-        "metrics": metrics,
-        "reports": reports,
-    }
+        with engine("qwen2_vl", **ENGINE_ARGS, **kwargs) as llm:
+            yield llm
+
+
+@functools.cache
+def plain() -> list[list[int]]:
+    with tp_engine() as llm:
+        return _run(llm)
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, Any]:
+    with tp_engine(speculative_config=SPEC) as llm:
+        return {
+            "std": _run(llm),
+            "counters": spec_decode_counters(llm),
+            "metrics": std_metrics(llm),
+            "reports": drafter_reports(llm),
+        }
 
 
 def test_tp2_std_matches_no_speculation(runs: dict[str, Any]) -> None:
-    assert runs["std"] == runs["plain"]
+    assert runs["std"] == plain()
     assert runs["counters"]["num_drafts"] > 0
     assert runs["counters"]["num_accepted_tokens"] > 0
 
 
-def test_tp2_adaptive_std_matches_no_speculation(runs: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_tp2_adaptive_std_matches_no_speculation() -> None:
     """Rank 0 chooses every draft length and the other rank drafts what it is sent: the ranks' forward
     passes (which hold collectives) stay in lockstep, and the output is unchanged."""
-    assert runs["adaptive"] == runs["plain"]
-    assert runs["decisions"]["fixed"] == 0
-    assert sum(runs["decisions"].values()) > 0
+    with tp_engine(speculative_config=ADAPTIVE) as llm:
+        adaptive = _run(llm)
+        decisions = std_metrics(llm)["gamma_decisions"]
+    assert adaptive == plain()
+    assert decisions["fixed"] == 0
+    assert sum(decisions.values()) > 0
 
 
 def test_every_rank_drafts_the_same_requests(runs: dict[str, Any]) -> None:

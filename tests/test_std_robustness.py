@@ -189,3 +189,25 @@ def test_draft_steps_padded_as_for_cuda_graphs_are_lossless(
     assert runs["plain"][0] == runs["padded"][0] == expected
     assert runs["plain"][1:3] == runs["padded"][1:3] and runs["plain"][1] > 0
     assert runs["padded"][3] > 0  # the padding path ran (every drafter forward goes through it)
+
+
+def test_layer_hooks_stand_still_while_a_graph_is_captured(
+    two_videos: tuple[list[dict], list[list[int]]],
+) -> None:
+    """While a CUDA graph is captured (tests/graph_capture.py answers "capturing" for every step here), the
+    layer hooks neither score nor raise; the step is still planned and closed without them (a step replayed
+    as a full graph runs no hook): each prompt is left unscored as an incomplete capture, and decodes
+    without sparse drafts, with the outputs of no speculation."""
+    requests, expected = two_videos
+    with engine(
+        "qwen2_vl", speculative_config=FAULT_SPEC, worker_extension_cls="graph_capture.AlwaysCapturing"
+    ) as llm:
+        llm.collective_rpc("capture_forever")
+        got = token_ids(llm.generate(requests, LONG))
+        std = std_metrics(llm)
+        report = drafter_report(llm)
+    assert got == expected
+    assert report["skip_counts"] == {"incomplete_capture": 2}
+    assert report["history"] == []
+    assert std["draft_tokens"].get("sparse", 0) == 0
+    assert sum(std["drafter_faults"].values()) == 0

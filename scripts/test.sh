@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: sets up the CPU environment, then runs the default suite (about 40 minutes on 2 cores).
+# The test command: sets up the CPU environment, then runs the default suite (about 50 minutes on 2 cores).
 #   bash scripts/test.sh            default suite
 #   bash scripts/test.sh --slow     only the slow suites (long videos, load)
 #   extra arguments go to pytest

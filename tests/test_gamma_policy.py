@@ -20,6 +20,7 @@ from vllm_std.gamma_policy import NOT_PAYING, AcceptanceTracker, Decision, Gamma
 # A CPU-like engine: extra verify queries cost (query_growth 0.6), drafting reads 1/20 of the context.
 CPU = CostModel(DENSE, DENSE, CPU_VERIFY)
 CONTEXT, SPARSE = 32_000.0, 1_600.0
+MATCH = 5  # a look-up draft's match: n-gram matches reach 5 tokens inside an answer that repeats
 
 
 def test_tracker_counts_reached_and_accepted_positions() -> None:
@@ -397,11 +398,11 @@ def test_look_up_drafts_are_chosen_by_their_own_acceptance() -> None:
     assert policy.accepted_at("copies", looked_up=True)[0] > 0.9
     assert policy.accepted_at("invents", looked_up=True)[0] < 0.1 < 0.9 < policy.accepted_at("invents")[0]
     drafting = [("copies", CONTEXT, SPARSE), ("invents", CONTEXT, SPARSE)]
-    copies, invents = policy.decide(CPU, drafting, [], lookups=[6, 6])
+    copies, invents = policy.decide(CPU, drafting, [], lookups=[(6, MATCH), (6, MATCH)])
     assert copies.looked_up and copies.gamma == 6 and copies.reason == "paying"
     assert not invents.looked_up
     # Without look-up drafts found, both draft sparse.
-    assert not any(d.looked_up for d in policy.decide(CPU, drafting, [], lookups=[0, 0]))
+    assert not any(d.looked_up for d in policy.decide(CPU, drafting, [], lookups=[(0, 0), (0, 0)]))
 
 
 def test_a_found_look_up_draft_is_tried_first_and_retried_later() -> None:
@@ -412,17 +413,37 @@ def test_a_found_look_up_draft_is_tried_first_and_retried_later() -> None:
     for _ in range(4):
         policy.record("r", 6, 6)
     drafting = [("r", CONTEXT, SPARSE)]
-    assert policy.decide(CPU, drafting, [], lookups=[6])[0].looked_up
+    assert policy.decide(CPU, drafting, [], lookups=[(6, MATCH)])[0].looked_up
     policy.record("r", 6, 0, looked_up=True)
     steps = 0
-    while not policy.decide(CPU, drafting, [], lookups=[6])[0].looked_up:
+    while not policy.decide(CPU, drafting, [], lookups=[(6, MATCH)])[0].looked_up:
         steps += 1
     assert steps == 15  # the first retry is due `probe_interval` steps after the rejected round
     policy.record("r", 6, 0, looked_up=True)
     steps = 0
-    while not policy.decide(CPU, drafting, [], lookups=[6])[0].looked_up:
+    while not policy.decide(CPU, drafting, [], lookups=[(6, MATCH)])[0].looked_up:
         steps += 1
     assert steps == 31
+
+
+def test_look_up_drafts_of_chance_matches_are_not_tried_as_if_accepted() -> None:
+    """In an answer that does not repeat, its latest token or two match earlier text by chance, and what
+    followed them there is rejected. Such a look-up draft is planned with the look-up acceptance learnt
+    (here the prior), so a request whose sparse drafts are accepted keeps drafting them; a look-up draft of
+    a longer match is tried as if it would be accepted, and one of a chance match is taken where look-ups
+    are accepted."""
+    for match in (1, GammaPolicy.TRIED_MATCH - 1):
+        policy = GammaPolicy(max_gamma=6, probe_interval=16, min_gain=0.1)
+        for _ in range(4):
+            policy.record("r", 6, 6)
+        drafting = [("r", CONTEXT, SPARSE)]
+        assert policy.lookup_accepted_at("r", 6, match) == policy.accepted_at("r", looked_up=True)
+        chance = policy.decide(CPU, drafting, [], lookups=[(6, match)])[0]
+        assert not chance.looked_up and chance.gamma == 6
+        assert policy.decide(CPU, drafting, [], lookups=[(6, GammaPolicy.TRIED_MATCH)])[0].looked_up
+        for _ in range(8):
+            policy.record("r", 6, 6, looked_up=True)
+        assert policy.decide(CPU, drafting, [], lookups=[(6, match)])[0].looked_up
 
 
 def test_a_new_request_probes_once_the_engine_overheads_show_that_drafting_pays() -> None:
@@ -451,18 +472,18 @@ def test_a_longer_or_following_look_up_draft_is_tried_at_once() -> None:
     for _ in range(4):
         policy.record("r", 6, 6)
     drafting = [("r", CONTEXT, SPARSE)]
-    assert policy.decide(CPU, drafting, [], lookups=[1])[0].looked_up
+    assert policy.decide(CPU, drafting, [], lookups=[(1, MATCH)])[0].looked_up
     policy.record("r", 1, 0, looked_up=True)
-    assert not policy.decide(CPU, drafting, [], lookups=[1])[0].looked_up
-    assert policy.decide(CPU, drafting, [], lookups=[6])[0].looked_up
+    assert not policy.decide(CPU, drafting, [], lookups=[(1, MATCH)])[0].looked_up
+    assert policy.decide(CPU, drafting, [], lookups=[(6, MATCH)])[0].looked_up
     policy.record("r", 6, 6, looked_up=True)
     assert policy.accepted_at("r", looked_up=True)[0] < 0.9  # one accepted round after a rejected one
     for _ in range(4):
-        decision = policy.decide(CPU, drafting, [], lookups=[6])[0]
+        decision = policy.decide(CPU, drafting, [], lookups=[(6, MATCH)])[0]
         assert decision.looked_up and decision.gamma == 6
         policy.record("r", 6, 6, looked_up=True)
     policy.record("r", 6, 2, looked_up=True)  # rejected: as long a draft is planned by what was learnt
-    assert policy.lookup_accepted_at("r", 6) == policy.accepted_at("r", looked_up=True) != [1.0]
+    assert policy.lookup_accepted_at("r", 6, MATCH) == policy.accepted_at("r", looked_up=True) != [1.0]
 
 
 def test_step_overhead_settles_after_its_first_plain_steps() -> None:

@@ -5,7 +5,9 @@ the decisions can be tested on synthetic costs and acceptance.
 A request's acceptance is learnt from its own rounds, per draft position, with older rounds fading so a
 changed pattern shows; until it has rounds of its own, the engine-wide acceptance stands in for it. Its
 look-up drafts (`vllm_std.lookup`) have an acceptance of their own, learnt alike, and the cost model
-chooses per request and round between none, a sparse draft and the look-up draft found.
+chooses per request and round between none, a sparse draft and the look-up draft found. A look-up draft is
+tried as if it would be accepted (it costs no draft step) only where its match is long enough not to be
+chance; a shorter one is planned with the acceptance learnt.
 
 Requests that stopped drafting probe together, in one round every `probe_interval` steps, so that they
 notice when drafting would pay again; they share the round's verify step. Each probe round doubles the
@@ -89,6 +91,11 @@ class GammaPolicy:
     # step; the measured overheads are re-read every 16), or at once when the batch changes, a round is
     # verified or a probe is due. A plan at batch 4 costs about 0.2 ms, 2-5 % of a small model's step.
     REPLAN_STEPS = 32
+    # A look-up draft is tried as if it would be accepted only where at least this many of the request's
+    # latest tokens matched: in answers that do not repeat, matches of a token or two are chance (the
+    # bench's one-pass answers drew them from the earlier answers' suffix tree, and their first token was
+    # rejected), while an answer that starts to repeat reaches three in as many tokens.
+    TRIED_MATCH = 3
 
     def __init__(self, max_gamma: int, probe_interval: int, min_gain: float = 0.0) -> None:
         self.max_gamma = max_gamma
@@ -165,13 +172,17 @@ class GammaPolicy:
         tracker = (self.lookups if looked_up else self.requests).get(req_id)
         return tracker.estimate(engine[0], self.PRIOR_STRENGTH) if tracker else engine
 
-    def lookup_accepted_at(self, req_id: str, length: int) -> list[float]:
-        """The acceptance a found look-up draft of `length` tokens is planned with: the request's own, except
-        where it is tried as if every token would be accepted: before the request's first look-up round,
-        after a fully accepted one, when it is longer than the last rejected one (a longer match: the
-        answer may have started to repeat) and once its retry is due. A look-up draft costs no draft step,
-        so trying one costs little, while never trying would leave a request whose answer starts to repeat
-        (the first cycle of a list, a quote) on the estimate of the short chance matches before it."""
+    def lookup_accepted_at(self, req_id: str, length: int, match: int) -> list[float]:
+        """The acceptance a found look-up draft of `length` tokens, from a match of `match` tokens, is planned
+        with: the request's own (the engine's until it has look-up rounds), except where it is tried as if
+        every token would be accepted: from a match of `TRIED_MATCH` tokens or more, before the request's
+        first look-up round, after a fully accepted one, when it is longer than the last rejected one (a
+        longer match: the answer may have started to repeat) and once its retry is due. A look-up draft
+        costs no draft step, so trying one costs little, while never trying would leave a request whose
+        answer starts to repeat (the first cycle of a list, a quote) on the estimate of the short chance
+        matches before it."""
+        if match < self.TRIED_MATCH:
+            return self.accepted_at(req_id, looked_up=True)
         due, _ = self._lookup_retry.get(req_id, (0, 0))
         if req_id not in self.lookups or self._steps >= due or length > self._lookup_rejected.get(req_id, 0):
             return [1.0]
@@ -187,17 +198,17 @@ class GammaPolicy:
         drafting: Sequence[tuple[str, float, float]],
         others: Sequence[float],
         probe_cost: CostModel | None = None,
-        lookups: Sequence[int] | None = None,
+        lookups: Sequence[tuple[int, int]] | None = None,
     ) -> list[Decision]:
         """Draft lengths for the requests `(req_id, context, sparse context)` that may draft this step, in
-        a batch that also holds requests of contexts `others` that may not: the drafts (sparse, or of the
-        `lookups[i]` tokens request i found to look up) that maximise the batch's predicted tokens per
-        second if that beats plain decoding by more than `min_gain` (`CostModel.plan_rounds`), then probes
-        of the sparse drafter for the requests left out, those of a due probe round sized by `probe_cost`
-        (the step costs without what rounds were measured to cost beyond their forward passes; `cost` if
-        None)."""
+        a batch that also holds requests of contexts `others` that may not: the drafts (sparse, or from the
+        look-up draft request i found, `lookups[i]`: its length and its match's) that maximise the batch's
+        predicted tokens per second if that beats plain decoding by more than `min_gain`
+        (`CostModel.plan_rounds`), then probes of the sparse drafter for the requests left out, those of a
+        due probe round sized by `probe_cost` (the step costs without what rounds were measured to cost
+        beyond their forward passes; `cost` if None)."""
         batch = (tuple(req_id for req_id, *_ in drafting), len(others))
-        found = lookups is not None and any(lookups)
+        found = lookups is not None and any(length for length, _ in lookups)
         if batch == self._idle_batch and self.idle_steps_ahead() and not found:
             self.repeat_idle()
             return [NOT_PAYING] * len(drafting)
@@ -210,8 +221,8 @@ class GammaPolicy:
         if found:
             assert lookups is not None
             lookup_rows = [
-                (length, self.lookup_accepted_at(req_id, length)) if length else None
-                for (req_id, *_), length in zip(drafting, lookups, strict=True)
+                (length, self.lookup_accepted_at(req_id, length, match)) if length else None
+                for (req_id, *_), (length, match) in zip(drafting, lookups, strict=True)
             ] + [None] * len(others)
         planned = cost.plan_rounds(rows, self.max_gamma, self.min_gain, lookup_rows)
         gammas, looked_up = planned.gammas, planned.looked_up

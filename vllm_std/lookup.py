@@ -15,13 +15,29 @@ cross-request trees, so also earlier requests' answers). With both (`lookup_draf
 longer draft: the suffix tree drafts no more tokens than its match is long, so inside a repeating answer
 the n-gram match drafts the whole round where the tree drafts a few tokens, while only the tree finds a
 continuation in an earlier request's answer.
+
+Each draft says how long a match it came from: in text that does not repeat, matches of a token or two
+are chance, and the adaptive policy tries only longer ones before their acceptance is known.
 """
 
+import dataclasses
 import importlib.util
 from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupDraft:
+    """A look-up draft's tokens, and how many of the request's latest tokens matched where they were found
+    (0 where nothing was)."""
+
+    tokens: list[int]
+    match: int = 0
+
+
+NO_DRAFT = LookupDraft([])
 
 
 class LookupMatcher(Protocol):
@@ -33,7 +49,7 @@ class LookupMatcher(Protocol):
 
     def admit(self, req_id: str, prompt: np.ndarray, visual: np.ndarray) -> None: ...
 
-    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> list[int]: ...
+    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> LookupDraft: ...
 
     def release(self, req_ids: Iterable[str]) -> None: ...
 
@@ -63,12 +79,18 @@ class NgramLookup:
         """Keeps the request's prompt without its visual tokens (`visual`: a mask over the prompt)."""
         self._prompts[req_id] = (np.ascontiguousarray(prompt[~visual]), len(prompt))
 
-    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> list[int]:
-        """Up to `max_tokens` tokens that followed the request's last n-gram where it last occurred before
-        (`[]` where it has not), from `tokens`, its prompt and output so far (the request admitted)."""
+    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> LookupDraft:
+        """Up to `max_tokens` tokens that followed the request's longest last n-gram where it occurred
+        before, from `tokens`, its prompt and output so far (the request admitted). vLLM's matcher does not
+        say how long its match was, so each length is asked for in turn, longest first (the text searched
+        is short: the prompt without its video, and the output)."""
         text, prompt_len = self._prompts[req_id]
         text = np.concatenate([text, tokens[prompt_len:]])
-        return self._match(text, self.MIN_NGRAM, self.MAX_NGRAM, self._max_model_len, max_tokens).tolist()
+        for n in range(self.MAX_NGRAM, self.MIN_NGRAM - 1, -1):
+            draft = self._match(text, n, n, self._max_model_len, max_tokens)
+            if len(draft):
+                return LookupDraft(draft.tolist(), n)
+        return NO_DRAFT
 
     def release(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:
@@ -109,7 +131,7 @@ class SuffixLookup:
         self._prompts[req_id] = (len(prompt), text[-self.MAX_TREE_DEPTH :])
         self._fed[req_id] = 0
 
-    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> list[int]:
+    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> LookupDraft:
         """Up to `max_tokens` tokens predicted to follow `tokens`, the request's prompt and output so far
         (the output not yet given the tree is added first)."""
         prompt_len, tail = self._prompts[req_id]
@@ -125,7 +147,7 @@ class SuffixLookup:
             max_spec_factor=self.MAX_SPEC_FACTOR,
             min_token_prob=self.MIN_TOKEN_PROB,
         )
-        return list(draft.token_ids)
+        return LookupDraft(list(draft.token_ids), draft.match_len) if draft.token_ids else NO_DRAFT
 
     def release(self, req_ids: Iterable[str]) -> None:
         """The requests' answers stay in the cross-request tree; their own trees go."""
@@ -155,11 +177,11 @@ class LongestLookup:
         for matcher in self.matchers:
             matcher.admit(req_id, prompt, visual)
 
-    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> list[int]:
-        best: list[int] = []
+    def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> LookupDraft:
+        best = NO_DRAFT
         for matcher in self.matchers:
             draft = matcher.propose(req_id, tokens, max_tokens)
-            if len(draft) > len(best):
+            if len(draft.tokens) > len(best.tokens):
                 best = draft
         return best
 

@@ -300,7 +300,7 @@ class STDProposer:
             # every rank: the tokens are).
             if rounds.lookup is not None:
                 eligible = rounds.eligible(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
-            if eligible is None or not any(e.lookup for e in eligible[0]):
+            if eligible is None or not any(e.lookup.tokens for e in eligible[0]):
                 rounds.repeat_idle()
                 self._round_end = time.perf_counter()
                 return drafts

@@ -17,7 +17,7 @@ from vllm_std.config import STDConfig
 from vllm_std.cost_model import CostModel
 from vllm_std.draft_step import DraftRequest
 from vllm_std.gamma_policy import Decision, GammaPolicy
-from vllm_std.lookup import LookupMatcher, lookup_drafter
+from vllm_std.lookup import NO_DRAFT, LookupDraft, LookupMatcher, lookup_drafter
 from vllm_std.metrics import STDMetrics
 from vllm_std.runner_view import RunnerView
 
@@ -34,7 +34,7 @@ class Eligible:
     req_id: str
     n: int
     limit: int
-    lookup: list[int]
+    lookup: LookupDraft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +114,7 @@ class RoundPlanner:
                 view.max_model_len - n,
                 view.remaining_tokens(req_id) - 1,
             )
-            lookup: list[int] = []
+            lookup = NO_DRAFT
             if self.lookup is not None and limit > 0:
                 if not self.lookup.known(req_id):
                     prompt = view.num_prompt_tokens(req_id)
@@ -135,7 +135,7 @@ class RoundPlanner:
             if k <= 0:
                 continue
             if lookup:
-                looked_up[e.row] = e.lookup[:k]
+                looked_up[e.row] = e.lookup.tokens[:k]
                 continue
             selection = self.scorer.selections[e.req_id]
             physical = torch.tensor(self.view.block_ids(e.req_id), dtype=torch.int32)
@@ -160,7 +160,9 @@ class RoundPlanner:
                 (e.req_id, float(e.n), float(self.scorer.selections[e.req_id].drafter_context(e.n)))
                 for e in eligible
             ]
-            lookups = [len(e.lookup) for e in eligible] if self.lookup is not None else None
+            lookups = None
+            if self.lookup is not None:
+                lookups = [(len(e.lookup.tokens), e.lookup.match) for e in eligible]
             decisions = self.policy.decide(cost, drafting, others, probe_cost, lookups)
             chosen = list(zip(self._chosen(decisions), [d.looked_up for d in decisions], strict=True))
             idle = not any(gamma for gamma, _ in chosen) and not self.overhead.settling

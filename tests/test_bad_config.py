@@ -150,11 +150,11 @@ ROWS = [
         platform="rocm",
     ),
     Bad(
-        "flashinfer-backend",
+        "tree-attention-backend",
         "std",
-        "--attention-backend FLASHINFER",
+        "--attention-backend TREE_ATTN",
         "pass --attention-backend FLASH_ATTN",
-        engine={"attention_backend": "FLASHINFER"},
+        engine={"attention_backend": "TREE_ATTN"},
         platform="cuda",
     ),
     Bad(
@@ -228,6 +228,13 @@ ROWS = [
         "--kv-cache-dtype fp8",
         "remove --kv-cache-dtype",
         engine={"kv_cache_dtype": "fp8"},
+    ),
+    Bad(
+        "4-bit-kv-cache",
+        "std",
+        "--kv-cache-dtype int4_per_token_head",
+        "remove --kv-cache-dtype",
+        engine={"kv_cache_dtype": "int4_per_token_head"},
     ),
 ]
 BY_ID = {row.id: row for row in ROWS}

@@ -10,7 +10,11 @@ Shapes: the tiny fixture's GQA (4 query heads on 2 KV heads of 32), GPU block si
 different lengths, each with a partial last block."""
 
 import dataclasses
+import functools
 import importlib
+import importlib.machinery
+import inspect
+import re
 import sys
 import types
 from collections.abc import Iterator
@@ -343,3 +347,136 @@ def test_flash_attention_views_read_their_own_blocks(vllm_config: Any) -> None:
         torch.testing.assert_close(got, reference_for_layer(batch, layer))
         assert torch.equal(md.block_table, batch.tables[layer])
     assert metadata[LAYER_NAMES[0]].slot_mapping is metadata[LAYER_NAMES[1]].slot_mapping
+
+
+# ------------------------------------------------------------------------ FlashInfer's XQA decode path
+
+
+@pytest.fixture(scope="module")
+def flashinfer() -> Iterator[types.ModuleType]:
+    """vLLM's FlashInfer backend module. Without the `flashinfer` package (no CPU build exists), it is
+    imported over a stand-in that holds only the names it imports, none of which these tests call: what
+    they run is vLLM's own metadata builder and dataclasses."""
+    if importlib.util.find_spec("flashinfer") is not None:
+        yield importlib.import_module("vllm.v1.attention.backends.flashinfer")
+        return
+    names = {
+        "flashinfer": (
+            "BatchAttentionWithAttentionSinkWrapper",
+            "BatchDecodeWithPagedKVCacheWrapper",
+            "BatchPrefillWithPagedKVCacheWrapper",
+            "BatchPrefillWithRaggedKVCacheWrapper",
+            "get_seq_lens",
+            "nvfp4_quantize_append_paged_kv_cache_with_slot_mapping",
+        ),
+        "flashinfer.decode": ("fast_decode_plan", "trtllm_batch_decode_with_kv_cache"),
+        "flashinfer.prefill": ("trtllm_batch_context_with_kv_cache",),
+        "flashinfer.utils": ("FP4Tensor",),
+    }
+    for module, attrs in names.items():
+        stand_in = types.ModuleType(module)
+        stand_in.__spec__ = importlib.machinery.ModuleSpec(module, None)
+        stand_in.__path__ = []
+        for attr in attrs:
+            setattr(stand_in, attr, type(attr, (), {}))
+        sys.modules[module] = stand_in
+    try:
+        yield importlib.import_module("vllm.v1.attention.backends.flashinfer")
+    finally:
+        for module in [*names, "vllm.v1.attention.backends.flashinfer"]:
+            sys.modules.pop(module, None)
+        # vLLM caches what it found (`has_flashinfer` and the like): forget the stand-in for later tests.
+        import vllm.utils.flashinfer as probes
+
+        for probe in vars(probes).values():
+            if isinstance(probe, functools._lru_cache_wrapper):
+                probe.cache_clear()
+
+
+def xqa_builder(flashinfer: types.ModuleType, vllm_config: Any, xqa: bool = True) -> Any:
+    """vLLM's `FlashInferMetadataBuilder` as its `__init__` sets it up on an SM90 GPU (XQA decode; `xqa`
+    False: the native decode path it falls back to elsewhere). The constructor itself asks the GPU and
+    the model's layers, so the attributes `build` reads are set as it sets them; each is checked to be
+    one `__init__` sets, so a vLLM that renames one fails here."""
+    import copy
+
+    cls = flashinfer.FlashInferMetadataBuilder
+    cache_config = copy.copy(vllm_config.cache_config)
+    cache_config.kv_cache_layout = "LBHNC"  # resolved by the engine core; FlashInfer's default
+    kernel = flashinfer.FlashInferDecodeKernel.XQA if xqa else None
+    settings = {
+        "cache_config": cache_config,
+        # Prefill's TRTLLM check asks NVIDIA's artifactory for cubins; a draft step has no prefill.
+        "attention_config": dataclasses.replace(vllm_config.attention_config, use_trtllm_attention=False),
+        "page_size": BLOCK_SIZE,
+        "num_qo_heads": NUM_HEADS,
+        "num_kv_heads": NUM_KV_HEADS,
+        "dcp_world_size": 1,
+        "use_dcp": False,
+        "cache_dtype": "auto",
+        "q_data_type_prefill": torch.float32,
+        "q_data_type_decode": torch.float32,
+        "has_sinks": False,
+        "_num_speculative_tokens": 6,
+        "use_trtllm_decode_attention": xqa,
+        "flashinfer_trtllm_api_decode_kernel": kernel,
+        "use_xqa": xqa,
+        "use_trtllm_gen_varlen_decode": False,
+        "reorder_batch_threshold": 1,
+    }
+    init = inspect.getsource(cls.__init__) + inspect.getsource(cls._init_reorder_batch_threshold)
+    built = object.__new__(cls)
+    for name, value in settings.items():
+        assert re.search(rf"self\.{name}\b[^=\n]*=", init), name
+        setattr(built, name, value)
+    return built
+
+
+def test_flashinfer_xqa_views_read_their_own_blocks(flashinfer: types.ModuleType, vllm_config: Any) -> None:
+    """The FLASHINFER adapter's per-layer metadata, built by vLLM's `FlashInferMetadataBuilder.build` for a
+    draft step on the XQA decode path: every request a decode, no host plan, and each layer's decode
+    table its kept blocks, read by the reference as XQA reads `block_tables` and `seq_lens`."""
+    batch = draft_batch(seed=5)
+    metadata = adapter_for("FLASHINFER").sparse_metadata(
+        xqa_builder(flashinfer, vllm_config),
+        common(batch, batch.tables[0], batch.seq_lens),
+        batch.tables,
+        LAYER_NAMES,
+    )
+    key_cache, value_cache = split(batch.kv_cache)
+    starts = torch.arange(len(SEQ_LENS) + 1)
+    for layer, name in enumerate(LAYER_NAMES):
+        md = metadata[name]
+        assert isinstance(md, flashinfer.FlashInferMetadata)
+        assert isinstance(md.decode, flashinfer.FlashInferTrtllmAPIDecode)
+        assert md.prefill is None and md.num_decodes == len(SEQ_LENS) and md.decode.q_len_per_req == 1
+        assert md.decode.max_seq_len == int(batch.seq_lens.max())
+        got = paged_attention(
+            batch.query, key_cache, value_cache, md.decode.block_tables, md.decode.seq_lens, starts, SCALE
+        )
+        torch.testing.assert_close(got, reference_for_layer(batch, layer))
+        assert torch.equal(md.decode.block_tables, batch.tables[layer])
+    assert metadata[LAYER_NAMES[0]].slot_mapping is metadata[LAYER_NAMES[1]].slot_mapping
+
+
+def test_flashinfer_native_decode_is_refused(flashinfer: types.ModuleType, vllm_config: Any) -> None:
+    """Where FlashInfer decodes on its native path (no XQA or trtllm-gen: this CPU, an A100, an unsupported
+    head size), STD refuses to start with one line naming the backends to pass instead: from vLLM's
+    `FlashInferImpl` (whose decode support is decided per GPU) and from the builder."""
+    from vllm.config import set_current_vllm_config
+
+    from vllm_std.config import STDConfigError
+
+    adapter = adapter_for("FLASHINFER")
+    with set_current_vllm_config(vllm_config):
+        impl = flashinfer.FlashInferImpl(NUM_HEADS, HEAD_SIZE, SCALE, NUM_KV_HEADS, None, None, "auto")
+    assert not impl.supports_xqa_or_trtllm_gen_decode
+    for check in (
+        lambda: adapter.check_layer(impl),
+        lambda: adapter.check_builder(xqa_builder(flashinfer, vllm_config, xqa=False)),
+    ):
+        with pytest.raises(STDConfigError, match="native decode path") as refused:
+            check()
+        assert "--attention-backend FLASH_ATTN or TRITON_ATTN" in str(refused.value)
+        assert "\n" not in str(refused.value)
+    adapter.check_builder(xqa_builder(flashinfer, vllm_config))

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from vllm_std.backends import GPU_BACKENDS
+from vllm_std.backends.base import FLOAT_CACHE_DTYPES
 from vllm_std.config import STDConfig, unsupported
 
 # Under "vllm." so that vLLM's own logging configuration prints it.
@@ -82,7 +83,10 @@ def refused_flags(engine_args: Any) -> list[str]:
             ("--data-parallel-size > 1", (engine_args.data_parallel_size or 1) > 1),
             ("--async-scheduling", engine_args.async_scheduling is True),
             # Prefill scoring reads keys back from the cache in its float dtype.
-            ("--kv-cache-dtype fp8", str(engine_args.kv_cache_dtype).startswith("fp8")),
+            (
+                f"--kv-cache-dtype {engine_args.kv_cache_dtype}",
+                engine_args.kv_cache_dtype not in FLOAT_CACHE_DTYPES,
+            ),
         )
         if present
     ]

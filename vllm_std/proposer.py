@@ -84,6 +84,7 @@ class STDProposer:
         self.adapter = adapter_for(view.backend_name)
         for layer in view.layers:
             self.adapter.check_layer(layer.impl)
+        self.adapter.check_builder(view.attn_group.get_metadata_builder())
         refusal = refused_compilation(view.vllm_config.compilation_config)
         if refusal is not None:
             raise unsupported(*refusal)

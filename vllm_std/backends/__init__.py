@@ -6,6 +6,7 @@ drafter binds, never run wrong."""
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.backends.cpu import CPUAttentionAdapter
 from vllm_std.backends.flash_attn import FlashAttentionAdapter
+from vllm_std.backends.flashinfer import FlashInferAdapter
 from vllm_std.backends.triton_attn import TritonAttentionAdapter
 from vllm_std.config import unsupported
 
@@ -13,20 +14,16 @@ ADAPTERS: dict[str, type[AttentionAdapter]] = {
     "CPU_ATTN": CPUAttentionAdapter,
     "FLASH_ATTN": FlashAttentionAdapter,
     "TRITON_ATTN": TritonAttentionAdapter,
+    "FLASHINFER": FlashInferAdapter,
 }
-GPU_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
-# Why the other backends vLLM may pick have none.
-_REASONS = {
-    "FLASHINFER": "FlashInfer's decode wrapper plans one page table per step on the host, not one per layer",
-}
+GPU_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
 
 
 def adapter_for(backend_name: str) -> AttentionAdapter:
     try:
         return ADAPTERS[backend_name]()
     except KeyError:
-        reason = _REASONS.get(backend_name, "it has no adapter")
         raise unsupported(
-            f"the {backend_name} attention backend ({reason})",
-            f"pass --attention-backend {' or '.join(GPU_BACKENDS)} on a GPU, or run without STD",
+            f"the {backend_name} attention backend (it has no adapter)",
+            f"pass --attention-backend {' or '.join(GPU_BACKENDS[:2])} on a GPU, or run without STD",
         ) from None

@@ -7,10 +7,16 @@ import torch
 
 from vllm_std.config import unsupported
 
+# The KV-cache dtypes prefill scoring can read keys back in (`--kv-cache-dtype`); the others quantize.
+FLOAT_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "float")
+
 
 class AttentionAdapter(Protocol):
     def check_layer(self, impl: Any) -> None:
         """Raises STDConfigError if a layer uses a feature the compacted view would get wrong."""
+
+    def check_builder(self, builder: Any) -> None:
+        """Raises STDConfigError if the backend's metadata builder took a path the views cannot serve."""
 
     def sparse_metadata(
         self, builder: Any, common: Any, block_tables: torch.Tensor, layer_names: list[str]
@@ -50,7 +56,7 @@ class PerLayerTableAdapter:
             raise unsupported("attention sinks (the drafter's views would drop them)", self.ALTERNATIVE)
         if getattr(impl, "kv_sharing_target_layer_name", None) is not None:
             raise unsupported("layers that share another layer's KV cache", "run without STD")
-        if str(getattr(impl, "kv_cache_dtype", "auto")).startswith(("fp8", "int")):
+        if str(getattr(impl, "kv_cache_dtype", "auto")) not in FLOAT_CACHE_DTYPES:
             # Prefill scoring reads keys back from the cache (`read_keys`), in the cache's float dtype.
             raise unsupported("a quantized KV cache", "drop --kv-cache-dtype or run without STD")
         if getattr(impl, "total_cp_world_size", 1) > 1:
@@ -58,6 +64,9 @@ class PerLayerTableAdapter:
             raise unsupported(
                 "context parallelism", "drop --decode-context-parallel-size / --prefill-context-parallel-size"
             )
+
+    def check_builder(self, builder: Any) -> None:
+        """Every builder of these backends serves per-layer tables."""
 
     def sparse_metadata(
         self, builder: Any, common: Any, block_tables: torch.Tensor, layer_names: list[str]

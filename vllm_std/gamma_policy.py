@@ -174,8 +174,8 @@ class GammaPolicy:
 
     def lookup_accepted_at(self, req_id: str, length: int, match: int) -> list[float]:
         """The acceptance a found look-up draft of `length` tokens, from a match of `match` tokens, is planned
-        with: the request's own (the engine's until it has look-up rounds), except where it is tried as if
-        every token would be accepted: from a match of `TRIED_MATCH` tokens or more, before the request's
+        with: the request's own (the engine's until it has look-up rounds), except where, from a match of
+        `TRIED_MATCH` tokens or more, it is tried as if every token would be accepted: before the request's
         first look-up round, after a fully accepted one, when it is longer than the last rejected one (a
         longer match: the answer may have started to repeat) and once its retry is due. A look-up draft
         costs no draft step, so trying one costs little, while never trying would leave a request whose

@@ -82,15 +82,18 @@ class NgramLookup:
     def propose(self, req_id: str, tokens: np.ndarray, max_tokens: int) -> LookupDraft:
         """Up to `max_tokens` tokens that followed the request's longest last n-gram where it occurred
         before, from `tokens`, its prompt and output so far (the request admitted). vLLM's matcher does not
-        say how long its match was, so each length is asked for in turn, longest first (the text searched
-        is short: the prompt without its video, and the output)."""
+        say how long its match was: where it found one, the longer lengths are asked for in turn, longest
+        first (one scan where nothing matches, the common case; the text is short: the prompt without its
+        video, and the output)."""
         text, prompt_len = self._prompts[req_id]
         text = np.concatenate([text, tokens[prompt_len:]])
-        for n in range(self.MAX_NGRAM, self.MIN_NGRAM - 1, -1):
-            draft = self._match(text, n, n, self._max_model_len, max_tokens)
-            if len(draft):
+        draft = self._match(text, self.MIN_NGRAM, self.MAX_NGRAM, self._max_model_len, max_tokens)
+        if not len(draft):
+            return NO_DRAFT
+        for n in range(self.MAX_NGRAM, self.MIN_NGRAM, -1):
+            if len(self._match(text, n, n, self._max_model_len, max_tokens)):
                 return LookupDraft(draft.tolist(), n)
-        return NO_DRAFT
+        return LookupDraft(draft.tolist(), self.MIN_NGRAM)
 
     def release(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:

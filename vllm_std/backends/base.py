@@ -72,10 +72,11 @@ class PerLayerTableAdapter:
         self, builder: Any, common: Any, block_tables: torch.Tensor, layer_names: list[str]
     ) -> dict[str, Any]:
         shared = builder.build_for_drafting(common, draft_index=0)
-        return {
-            name: dataclasses.replace(shared, block_table=block_tables[i])
-            for i, name in enumerate(layer_names)
-        }
+        return {name: self.layer_view(shared, block_tables[i]) for i, name in enumerate(layer_names)}
+
+    def layer_view(self, shared: Any, block_table: torch.Tensor) -> Any:
+        """A copy of the step's metadata that reads `block_table` (`[B, W]`)."""
+        return dataclasses.replace(shared, block_table=block_table)
 
 
 class SplitKVCacheAdapter(PerLayerTableAdapter):

@@ -37,17 +37,9 @@ class FlashInferAdapter(SplitKVCacheAdapter):
         if not builder.use_trtllm_decode_attention:
             raise unsupported(NATIVE_DECODE, "pass --attention-backend FLASH_ATTN or TRITON_ATTN")
 
-    def sparse_metadata(
-        self, builder: Any, common: Any, block_tables: torch.Tensor, layer_names: list[str]
-    ) -> dict[str, Any]:
-        shared = builder.build_for_drafting(common, draft_index=0)
+    def layer_view(self, shared: Any, block_table: torch.Tensor) -> Any:
         decode = shared.decode
         if shared.num_prefills or not hasattr(decode, "block_tables"):
             raise RuntimeError("FlashInfer built a draft step off its XQA/trtllm-gen decode path")
-        rows = shared.num_decodes
-        return {
-            name: dataclasses.replace(
-                shared, decode=dataclasses.replace(decode, block_tables=block_tables[i, :rows])
-            )
-            for i, name in enumerate(layer_names)
-        }
+        table = block_table[: shared.num_decodes]
+        return dataclasses.replace(shared, decode=dataclasses.replace(decode, block_tables=table))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_draft_check.py"
 TINY = [
@@ -61,6 +63,7 @@ def test_checks_time_and_project_with_torch_attention(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow  # about 140 s under Triton's interpreter; the pure-torch path above runs by default
 def test_prepared_kernel_runs_without_vllm_and_matches_torch(tmp_path: Path) -> None:
     kernels = tmp_path / "kernels"
     subprocess.run(

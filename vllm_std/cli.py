@@ -34,6 +34,11 @@ def _fixture(args: argparse.Namespace) -> int:
 
         print(sparse_model(retrain=args.retrain))
         return 0
+    if args.family == "sparse-spread":
+        from vllm_std.fixtures.spread import spread_model
+
+        print(spread_model())
+        return 0
     from vllm_std.fixtures.models import tiny_model
 
     print(tiny_model(args.family))
@@ -69,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     fixture = sub.add_parser("fixture", help="build (or find) a tiny checkpoint and print its folder")
     fixture.add_argument(
         "family",
-        choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision", "sparse"],
-        help="a random-weight family, or `sparse`: the Qwen2-VL trained on the look-up task (shipped with "
-        "the package)",
+        choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision", "sparse", "sparse-spread"],
+        help="a random-weight family, `sparse`: the Qwen2-VL trained on the look-up task (shipped with "
+        "the package), or `sparse-spread`: that model with its logits scaled down, so that sampled requests "
+        "meet spread distributions",
     )
     fixture.add_argument(
         "--retrain",

@@ -119,11 +119,16 @@ def workload_source(
     model: str | None, question: str, frame_side: int, frames: FrameSource | None = None
 ) -> tuple[str, VideoQuestions | LookupQuestions]:
     """The model and its requests: the tiny random fixture (`None`), the trained look-up fixture (`sparse`,
-    or a folder it was retrained into), or the user's model with synthetic videos or `frames`."""
+    or a folder it was retrained into; `sparse-spread`, its variant with spread next-token distributions), or
+    the user's model with synthetic videos or `frames`."""
     from vllm_std.fixtures.sparse import recipe_key, sparse_model
 
     if model == "sparse":
         model = str(sparse_model())
+    elif model == "sparse-spread":
+        from vllm_std.fixtures.spread import spread_model
+
+        model = str(spread_model())
     if model is not None and recipe_key(model) is not None:
         return model, LookupQuestions(model)
     if model is None:

@@ -8,14 +8,12 @@ import logging
 import time
 from typing import Any
 
-import torch
-
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.calibration import StartupCalibration, StepOverhead
 from vllm_std.capture import PrefillScorer
 from vllm_std.config import STDConfig
 from vllm_std.cost_model import CostModel
-from vllm_std.draft_step import DraftRequest
+from vllm_std.draft_step import DraftRequest, KeptBlocks
 from vllm_std.gamma_policy import Decision, GammaPolicy
 from vllm_std.lookup import NO_DRAFT, LookupDraft, LookupMatcher, lookup_drafter
 from vllm_std.metrics import STDMetrics
@@ -61,6 +59,7 @@ class RoundPlanner:
         self.cost: CostModel | None = None
         self.policy: GammaPolicy | None = None
         self.overhead = StepOverhead()
+        self.kept = KeptBlocks(view.device)
         self._priced: tuple[CostModel, CostModel] | None = None
         self._priced_steps = 0
         # Of the next steps of an unchanged batch, how many the last decisions (none drafting) still cover,
@@ -138,9 +137,10 @@ class RoundPlanner:
                 looked_up[e.row] = e.lookup.tokens[:k]
                 continue
             selection = self.scorer.selections[e.req_id]
-            physical = torch.tensor(self.view.block_ids(e.req_id), dtype=torch.int32)
+            block_ids = self.view.block_ids(e.req_id)
+            kept = self.kept.of(e.req_id, selection, block_ids)
             delta = self.view.position_delta(e.req_id)
-            sparse.append(DraftRequest(e.row, selection, e.n, k, physical, delta))
+            sparse.append(DraftRequest(e.row, selection, e.n, k, kept, block_ids, delta))
         self._looked_up = {e.req_id for e in eligible if e.row in looked_up}
         return Round(sparse, looked_up)
 
@@ -242,12 +242,14 @@ class RoundPlanner:
             self.metrics.not_paying(self._idle_eligible)
 
     def release(self, req_ids: set[str]) -> None:
+        self.kept.release(req_ids)
         if self.policy is not None:
             self.policy.release(req_ids)
         if self.lookup is not None:
             self.lookup.release(req_ids)
 
     def forget(self, live_req_ids: set[str]) -> None:
+        self.kept.forget(live_req_ids)
         if self.policy is not None:
             self.policy.forget(live_req_ids)
         if self.lookup is not None:

@@ -4,7 +4,7 @@ dense step, on the engine's own hardware, backend and kernels.
 One synthetic batch runs through the real runner, adapter and attention kernels on scratch KV blocks (no
 request exists yet, as for the calibration): two prompts of different lengths, each ending inside a block,
 are prefilled; then one decode step runs dense and eagerly, and again through the drafter's path
-(`draft_step_inputs`, replaying vLLM's piecewise CUDA graphs where drafting does) with every block kept.
+(`DraftRound`, replaying vLLM's piecewise CUDA graphs where drafting does) with every block kept.
 With every block kept the drafter's view is the whole context, so its logits must equal the dense step's
 (within what the dtype allows), and the only KV it may change is in the blocks it writes (all blocks are
 compared on an accelerator; on the CPU the first `CPU_CHECKED_BLOCKS`, the check's own among them).
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_std.backends.base import AttentionAdapter
-from vllm_std.draft_step import DraftRequest, draft_step_inputs
+from vllm_std.draft_step import DraftRequest, DraftRound
 from vllm_std.selection import RequestSelection, kv_slots
 
 if TYPE_CHECKING:
@@ -81,11 +81,13 @@ class StartupSelfCheck:
         )
         before = [block_checksums(cache, checked) for cache in view.kv_caches]
         self._dense((nexts + 1) % vocab, self.physical, start=None)  # other keys in the owned slots
-        requests = [
-            DraftRequest(row, self._keep_all(context), context + 1, 1, physical, 0)
-            for row, (context, physical) in enumerate(zip(self.contexts, self.physical, strict=True))
-        ]
-        inputs = draft_step_inputs(view, self.adapter, requests, 0)
+        requests = []
+        for row, (context, physical) in enumerate(zip(self.contexts, self.physical, strict=True)):
+            selection = self._keep_all(context)
+            kept = physical[selection.kept_prompt_blocks].to(view.device)
+            requests.append(DraftRequest(row, selection, context + 1, 1, kept, physical.tolist(), 0))
+        draft_round = DraftRound(requests, len(view.layer_names), view.block_size, view.device)
+        inputs = draft_round.inputs(view, self.adapter, list(range(len(requests))), 0)
         draft = view.draft_logits(nexts.to(view.device), inputs.positions, inputs.slots, inputs.metadata)
         owned = set((inputs.slots // view.block_size).tolist())
         for layer, (cache, sums) in enumerate(zip(view.kv_caches, before, strict=True)):

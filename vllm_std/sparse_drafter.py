@@ -9,7 +9,7 @@ import torch
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.config import STDConfig
 from vllm_std.draft_sampler import DraftSampler
-from vllm_std.draft_step import DraftRequest, draft_step_inputs
+from vllm_std.draft_step import DraftRequest, DraftRound
 from vllm_std.runner_view import RunnerView
 
 
@@ -38,23 +38,25 @@ class SparseDrafter:
         drafts: list[list[int]],
         sampler: DraftSampler | None,
     ) -> float:
-        """The draft steps for `requests`, their drafts appended to `drafts` by batch row; the seconds."""
-        tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
+        """The draft steps for `requests`, their drafts appended to `drafts` by batch row; the seconds. The
+        drafted tokens stay on the device until the round ends: one copy to the host a round."""
+        device = self.view.device
+        draft_round = DraftRound(requests, len(self.view.layer_names), self.view.block_size, device)
+        tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests]).to(device)
+        longest = max(r.num_drafts for r in requests)
+        drafted = torch.zeros(len(requests), longest, dtype=torch.int64, device=device)
         start = time.perf_counter()
-        for step in range(max(r.num_drafts for r in requests)):
+        for step in range(longest):
             active = [i for i, r in enumerate(requests) if r.num_drafts > step]
-            logits = self.step([requests[i] for i in active], tokens[active], step)
+            inputs = draft_round.inputs(self.view, self.adapter, active, step)
+            logits = self.view.draft_logits(tokens[active], inputs.positions, inputs.slots, inputs.metadata)
             if sampler is None:
-                next_tokens = logits.argmax(dim=-1).cpu()
+                next_tokens = logits.argmax(dim=-1)
             else:
                 positions = [requests[i].position(step) for i in active]
                 next_tokens = sampler.sample(logits, [requests[i].row for i in active], step, positions)
-            for i, token in zip(active, next_tokens.tolist(), strict=True):
-                drafts[requests[i].row].append(token)
             tokens[active] = next_tokens
+            drafted[active, step] = next_tokens
+        for r, row in zip(requests, drafted.tolist(), strict=True):
+            drafts[r.row].extend(row[: r.num_drafts])
         return time.perf_counter() - start
-
-    def step(self, requests: list[DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """The logits of one draft step over the requests' compacted views."""
-        inputs = draft_step_inputs(self.view, self.adapter, requests, step)
-        return self.view.draft_logits(tokens, inputs.positions, inputs.slots, inputs.metadata)

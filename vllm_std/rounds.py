@@ -6,7 +6,7 @@ its decisions to the other ranks, then learns from each verified round and from 
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.calibration import StartupCalibration, StepOverhead
@@ -18,6 +18,9 @@ from vllm_std.gamma_policy import Decision, GammaPolicy
 from vllm_std.lookup import NO_DRAFT, LookupDraft, LookupMatcher, lookup_drafter
 from vllm_std.metrics import STDMetrics
 from vllm_std.runner_view import RunnerView
+
+if TYPE_CHECKING:
+    from vllm_std.sparse_drafter import SparseDrafter
 
 # Under "vllm." so that vLLM's own logging configuration prints it.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -68,14 +71,14 @@ class RoundPlanner:
         self._idle_eligible = 0
         self._looked_up: set[str] = set()  # the requests whose last round was their look-up draft
 
-    def calibrate(self, adapter: AttentionAdapter) -> None:
+    def calibrate(self, adapter: AttentionAdapter, drafter: "SparseDrafter") -> None:
         """The cost model for adaptive gamma: the saved profile, or a measurement now (on every rank, as the
         forward passes hold collectives; rank 0's is used)."""
         start = time.perf_counter()
         if self.config.cost_profile is not None:
             self.cost, source = CostModel.load(self.config.cost_profile), self.config.cost_profile
         else:
-            calibration = StartupCalibration(self.view, adapter, self.gamma)
+            calibration = StartupCalibration(self.view, adapter, self.gamma, drafter)
             self.cost, source = calibration.run(), "measured at start-up"
         if self.view.tp_rank != 0:
             return

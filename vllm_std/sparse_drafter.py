@@ -8,6 +8,7 @@ import torch
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.config import STDConfig
+from vllm_std.draft_graphs import DraftGraphs, graph_sizes
 from vllm_std.draft_sampler import DraftSampler
 from vllm_std.draft_step import DraftRequest, DraftRound
 from vllm_std.runner_view import RunnerView
@@ -21,6 +22,17 @@ class SparseDrafter:
         self.view, self.adapter = view, adapter
         self.draft_probs = config.draft_probs
         self.generator = torch.Generator(device=view.device).manual_seed(view.seed)
+        self.graphs: DraftGraphs | None = None  # STD's own full graphs, once captured (`capture_graphs`)
+
+    def capture_graphs(self) -> None:
+        """Captures full graphs of the draft step where the engine allows them (`full_draft_graphs`); raises
+        what the capture raised, and then keeps no graph."""
+        if not self.view.full_draft_graphs:
+            return
+        sizes = graph_sizes(self.view.cudagraph_capture_sizes, self.view.max_num_seqs)
+        graphs = DraftGraphs(self.view, self.adapter, sizes)
+        graphs.capture()
+        self.graphs = graphs
 
     def sampler(self, rows: list[int], num_rows: int, longest: int) -> DraftSampler | None:
         """The round's draws of sampled requests' drafts, for the requests of batch rows `rows` drafting at
@@ -48,8 +60,7 @@ class SparseDrafter:
         start = time.perf_counter()
         for step in range(longest):
             active = [i for i, r in enumerate(requests) if r.num_drafts > step]
-            inputs = draft_round.inputs(self.view, self.adapter, active, step)
-            logits = self.view.draft_logits(tokens[active], inputs.positions, inputs.slots, inputs.metadata)
+            logits = self.forward(draft_round, active, step, tokens[active])
             if sampler is None:
                 next_tokens = logits.argmax(dim=-1)
             else:
@@ -60,3 +71,13 @@ class SparseDrafter:
         for r, row in zip(requests, drafted.tolist(), strict=True):
             drafts[r.row].extend(row[: r.num_drafts])
         return time.perf_counter() - start
+
+    def forward(
+        self, draft_round: DraftRound, active: list[int], step: int, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """The logits of draft step `step` for the round's requests `active` (their input `tokens`): a full
+        graph replayed where one holds the round, else vLLM's piecewise graphs or an eager forward."""
+        if self.graphs is not None and self.graphs.fits(len(draft_round.requests)):
+            return self.graphs.step(draft_round, active, step, tokens)
+        inputs = draft_round.inputs(self.view, self.adapter, active, step)
+        return self.view.draft_logits(tokens, inputs.positions, inputs.slots, inputs.metadata)

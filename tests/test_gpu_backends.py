@@ -25,6 +25,7 @@ import torch
 
 from vllm_std.backends import adapter_for
 from vllm_std.backends.base import split_cache_keys
+from vllm_std.draft_graphs import MAX_GRAPH_BATCH, GraphInputs, graph_sizes, padded_size
 from vllm_std.fixtures.models import tiny_model
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 32, 16
@@ -347,6 +348,142 @@ def test_flash_attention_views_read_their_own_blocks(vllm_config: Any) -> None:
         torch.testing.assert_close(got, reference_for_layer(batch, layer))
         assert torch.equal(md.block_table, batch.tables[layer])
     assert metadata[LAYER_NAMES[0]].slot_mapping is metadata[LAYER_NAMES[1]].slot_mapping
+
+
+# ------------------------------------------------------------------------ STD's own full graphs
+
+
+GRAPH_SIZE, GRAPH_BLOCKS = 4, 8  # rows and blocks per row of the captured inputs (three rows draft)
+
+
+def graph_inputs() -> GraphInputs:
+    tables = torch.zeros(NUM_LAYERS, GRAPH_SIZE + 2, GRAPH_BLOCKS, dtype=torch.int32)
+    return GraphInputs(GRAPH_SIZE, tables[:, :GRAPH_SIZE])  # the rows of a larger size's buffer, as shared
+
+
+def graph_steps() -> Iterator[tuple[Batch, list[int]]]:
+    """Two rounds of other blocks and lengths: every row drafting, then one whose row 1 has stopped."""
+    yield draft_batch(seed=4), [0, 1, 2]
+    yield draft_batch(seed=5), [0, 2]
+
+
+def load(inputs: GraphInputs, batch: Batch, active: list[int]) -> torch.Tensor:
+    """The round's tables and a step of its `active` rows into `inputs`; their queries, packed and padded."""
+    inputs.load_round(batch.tables)
+    inputs.load_step(
+        active,
+        [int(batch.seq_lens[i]) for i in active],
+        [int(batch.slots[i]) for i in active],
+        list(range(len(active))),
+        torch.tensor(active) + 100,
+    )
+    query = torch.zeros(GRAPH_SIZE, NUM_HEADS, HEAD_SIZE)
+    query[: len(active)] = batch.query[active]
+    return query
+
+
+def test_graph_inputs_keep_their_addresses_and_pad_rows_to_nothing() -> None:
+    """The inputs a full graph captured are refreshed in place: same addresses every step and round; rows
+    that stop drafting or pad the batch query nothing (a repeated offset), over a length-0 view, and write
+    to slot -1; queries are packed in row order."""
+    inputs = graph_inputs()
+    tensors = (
+        inputs.tables,
+        inputs.seq_lens,
+        inputs.query_start_loc,
+        inputs.slots,
+        inputs.positions,
+        inputs.tokens,
+    )
+    addresses = [t.data_ptr() for t in tensors]
+    for batch, active in graph_steps():
+        load(inputs, batch, active)
+        assert [t.data_ptr() for t in tensors] == addresses
+        lengths = [int(batch.seq_lens[i]) if i in active else 0 for i in range(GRAPH_SIZE)]
+        assert inputs.seq_lens.tolist() == lengths
+        ends = [sum(1 for i in active if i < row) for row in range(GRAPH_SIZE + 1)]
+        assert inputs.query_start_loc.tolist() == ends
+        padding = GRAPH_SIZE - len(active)
+        assert inputs.slots.tolist() == [int(batch.slots[i]) for i in active] + [-1] * padding
+        assert inputs.tokens.tolist() == [i + 100 for i in active] + [0] * padding
+        assert torch.equal(inputs.tables[:, :3, : batch.tables.shape[2]], batch.tables)
+    with pytest.raises(ValueError, match="exceeds the graph's 4 x 8"):
+        inputs.load_round(torch.zeros(NUM_LAYERS, 5, 2, dtype=torch.int32))
+
+
+def test_draft_batches_pad_to_the_smallest_captured_size() -> None:
+    """The sizes captured: vLLM's own below the largest draft batch, and that batch (at most 64 rows); a
+    round pads to the smallest that holds it, and one above the largest takes the piecewise path."""
+    assert graph_sizes([1, 2, 4, 8, 16, 24, 512], max_num_seqs=20) == [1, 2, 4, 8, 16, 20]
+    assert graph_sizes([1, 2, 4, 8, 512], max_num_seqs=256) == [1, 2, 4, 8, MAX_GRAPH_BATCH]
+    sizes = [1, 2, 4, 8]
+    assert [padded_size(sizes, rows) for rows in (1, 3, 4, 5, 8, 9)] == [1, 4, 4, 8, 8, None]
+
+
+def test_triton_reads_graph_inputs_refreshed_in_place(
+    triton_cpu: types.SimpleNamespace, vllm_config: Any
+) -> None:
+    """What a full graph replays: the TRITON_ATTN adapter's per-layer metadata built once over the graph's
+    inputs, with the longest length, then two rounds loaded in place. vLLM's `TritonAttentionImpl` (its
+    kernel interpreted, 2D and 3D paths) reads each step's own tables and lengths: every drafting row equals
+    attention over its kept blocks; and vLLM's KV write, given the inputs' slots, writes the true slots only
+    (padding rows go to slot -1)."""
+    impl = triton_impl(triton_cpu)
+    triton_builder = builder(triton_cpu.backend, vllm_config)
+    inputs = graph_inputs()
+    metadata = adapter_for("TRITON_ATTN").sparse_metadata(
+        triton_builder, inputs.common_metadata(GRAPH_BLOCKS * BLOCK_SIZE), inputs.tables, LAYER_NAMES
+    )
+    for batch, active in graph_steps():
+        query = load(inputs, batch, active)
+        for threshold in (1, 64):
+            triton_builder.seq_threshold_3D = threshold
+            for layer, name in enumerate(LAYER_NAMES):
+                metadata[name].seq_threshold_3D = threshold
+                output = torch.zeros_like(query)
+                impl.forward(scales(), query, None, None, batch.kv_cache, metadata[name], output)
+                expected = reference_for_layer(batch, layer)[active]
+                torch.testing.assert_close(output[: len(active)], expected, atol=2e-5, rtol=2e-5)
+        before = batch.kv_cache.clone()
+        key = torch.randn(GRAPH_SIZE, NUM_KV_HEADS, HEAD_SIZE)
+        capability = torch.cuda.get_device_capability
+        torch.cuda.get_device_capability = lambda *args: (9, 0)  # asked by the write's launcher; no GPU here
+        try:
+            impl.do_kv_cache_update(scales(), key, key, batch.kv_cache, metadata[LAYER_NAMES[0]].slot_mapping)
+        finally:
+            torch.cuda.get_device_capability = capability
+        changed = (batch.kv_cache != before).transpose(1, 2).flatten(0, 1).any(dim=(1, 2))
+        assert torch.nonzero(changed).flatten().tolist() == sorted(int(batch.slots[i]) for i in active)
+
+
+def test_flash_attention_metadata_built_once_reads_the_graph_inputs(vllm_config: Any) -> None:
+    """FLASH_ATTN's metadata built once over a full graph's inputs (what its captured kernels read) holds
+    those very buffers, so each in-place refresh reaches them: per layer its own rows of the shared table,
+    the lengths as `seqused_k`, the query offsets and the slots; FA3's ahead-of-time schedule is left to
+    the target's graphs."""
+    from vllm.v1.attention.backends import flash_attn
+
+    inputs = graph_inputs()
+    fa_builder = builder(flash_attn, vllm_config)
+    metadata = adapter_for("FLASH_ATTN").sparse_metadata(
+        fa_builder, inputs.common_metadata(GRAPH_BLOCKS * BLOCK_SIZE), inputs.tables, LAYER_NAMES
+    )
+    for layer, name in enumerate(LAYER_NAMES):
+        md = metadata[name]
+        assert md.block_table.data_ptr() == inputs.tables[layer].data_ptr() and md.block_table.is_contiguous()
+        assert md.seq_lens is inputs.seq_lens and md.query_start_loc is inputs.query_start_loc
+        assert md.slot_mapping is inputs.slots and md.scheduler_metadata is None
+        assert md.max_seq_len == GRAPH_BLOCKS * BLOCK_SIZE
+    for batch, active in graph_steps():
+        query = load(inputs, batch, active)
+        key_cache, value_cache = split(batch.kv_cache)
+        for layer, name in enumerate(LAYER_NAMES):
+            md = metadata[name]
+            got = paged_attention(
+                query, key_cache, value_cache, md.block_table, md.seq_lens, md.query_start_loc, SCALE
+            )
+            expected = reference_for_layer(batch, layer)[active]
+            torch.testing.assert_close(got[: len(active)], expected)
 
 
 # ------------------------------------------------------------------------ FlashInfer's XQA decode path

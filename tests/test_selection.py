@@ -1,4 +1,5 @@
-"""`vllm_std.selection`: which blocks the drafter keeps and the compacted block table it reads them through.
+"""`vllm_std.selection`: which blocks the drafter keeps; `vllm_std.draft_step`: the compacted block tables it
+reads them through.
 
 A wrong selection never breaks correctness (the target verifies every draft) but silently costs acceptance:
 dropping a text block or keeping the wrong visual blocks. A wrong compacted table or sequence length makes
@@ -15,11 +16,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vllm_std.draft_step import DraftRequest, DraftRound, KeptBlocks
 from vllm_std.selection import (
     RequestSelection,
     baseline_scores,
     candidate_blocks,
-    compacted_block_table,
     compacted_seq_len,
     select_blocks,
     streaming_blocks,
@@ -120,20 +121,78 @@ def test_select_blocks_without_candidates_or_with_k_zero() -> None:
     assert select_blocks(torch.rand(2, 4), candidates, 0).tolist() == [[0, 3]] * 2
 
 
-def test_compacted_block_table_by_hand() -> None:
-    """Kept prompt blocks, then every block after the prompt, mapped to physical ids."""
-    physical = torch.tensor([40, 41, 42, 43, 44, 45, 46], dtype=torch.int32)
+def _round(
+    kept: torch.Tensor, num_prompt_blocks: int, physical: list[int], first: int, num_drafts: int, bs: int
+) -> DraftRound:
+    """One request's round: kept prompt blocks `kept` (logical), its draft steps at positions `first` ..
+    `first + num_drafts - 1`."""
+    selection = RequestSelection(kept, num_prompt_blocks, 0, 0, 0, 0)
+    ids = torch.tensor(physical, dtype=torch.int32)
+    request = DraftRequest(0, selection, first + 1, num_drafts, ids[kept], physical, 0)
+    return DraftRound([request], kept.shape[0], bs, torch.device("cpu"))
+
+
+def test_draft_round_tables_by_hand() -> None:
+    """Kept prompt blocks, then every block after the prompt up to the last draft's, mapped to physical ids;
+    each step's length ends at its own position (blocks of 4: position 22 is offset 2 of logical block 5)."""
+    physical = [40, 41, 42, 43, 44, 45, 46]
     kept = torch.tensor([[0, 2, 4], [1, 3, 4]])
-    table = compacted_block_table(kept, num_prompt_blocks=5, num_blocks=7, physical=physical)
-    assert table.tolist() == [[40, 42, 44, 45, 46], [41, 43, 44, 45, 46]]
-    assert table.dtype == torch.int32
+    draft_round = _round(kept, 5, physical, first=22, num_drafts=4, bs=4)  # positions 22 .. 25
+    tables, seq_lens, slots, positions = draft_round.step([0], 0)
+    assert tables[:, 0].tolist() == [[40, 42, 44, 45, 46], [41, 43, 44, 45, 46]]
+    assert tables.dtype == torch.int32
+    assert (seq_lens, slots, positions) == ([4 + 4 + 4 + 3], [45 * 4 + 2], [22])
+    _, seq_lens, slots, positions = draft_round.step([0], 2)  # position 24: offset 0 of logical block 6
+    assert (seq_lens, slots, positions) == ([4 * 4 + 1], [46 * 4], [24])
 
 
-def test_compacted_block_table_with_the_newest_token_in_the_last_prompt_block() -> None:
-    """num_blocks == num_prompt_blocks: no tail, only the kept prompt blocks."""
-    physical = torch.tensor([7, 3, 9])
-    table = compacted_block_table(torch.tensor([[0, 2]]), 3, 3, physical)
-    assert table.tolist() == [[7, 9]]
+def test_draft_round_with_the_newest_token_in_the_last_prompt_block() -> None:
+    """A draft in the last prompt block: no block after the prompt, only the kept prompt blocks."""
+    draft_round = _round(torch.tensor([[0, 2]]), 3, [7, 3, 9], first=9, num_drafts=1, bs=4)
+    tables, seq_lens, slots, _ = draft_round.step([0], 0)
+    assert tables[:, 0].tolist() == [[7, 9]]
+    assert (seq_lens, slots) == ([4 + 2], [9 * 4 + 1])
+
+
+class CountingIds(list):
+    """A block list that counts the ids read from it."""
+
+    reads = 0
+
+    def __getitem__(self, index):  # type: ignore[override]
+        item = super().__getitem__(index)
+        CountingIds.reads += len(item) if isinstance(index, slice) else 1
+        return item
+
+
+def test_host_work_of_a_round_does_not_grow_with_the_prompt() -> None:
+    """A request's kept prompt blocks are read once (`KeptBlocks`); after that a round reads only the ids of
+    the blocks after the prompt and one id a step, however long the prompt: a 128k-token video at GPU block
+    size 16 is 8192 ids, read once, not every step."""
+    bs, steps = 16, 6
+    for num_prompt_blocks in (64, 8192):
+        physical = CountingIds(range(1000, 1000 + num_prompt_blocks + 2))
+        kept = torch.arange(0, num_prompt_blocks, num_prompt_blocks // 32).expand(2, -1)
+        selection = RequestSelection(kept, num_prompt_blocks, 0, 0, 0, 0)
+        cache = KeptBlocks(torch.device("cpu"))
+        first = num_prompt_blocks * bs + 12  # the round's drafts cross into the second block after the prompt
+        CountingIds.reads = 0
+        ids = cache.of("r", selection, physical)
+        assert CountingIds.reads == num_prompt_blocks + 1
+        assert cache.of("r", selection, physical) is ids, "made once per request"
+        CountingIds.reads = 0
+        kept_ids = cache.of("r", selection, physical)
+        request = DraftRequest(0, selection, first + 1, steps, kept_ids, physical, 0)
+        draft_round = DraftRound([request], 2, bs, torch.device("cpu"))
+        for step in range(steps):
+            draft_round.step([0], step)
+        assert CountingIds.reads == 1 + 2 + steps, "the last prompt block's id, the tail's two, a slot a step"
+        physical.append(5)  # vLLM appends blocks in place: still the same list
+        assert cache.of("r", selection, physical) is ids
+        resumed = CountingIds(range(2000, 2000 + num_prompt_blocks + 2))  # preempted, then resumed
+        assert cache.of("r", selection, resumed)[0, 0] == 2000
+        cache.release({"r"})
+        assert cache.of("r", selection, resumed) is not ids
 
 
 def test_compacted_seq_len_by_hand() -> None:
@@ -278,17 +337,17 @@ def test_compacted_view_reads_exactly_the_kept_positions_while_decoding(
     num_logical = newest // bs + 1
     physical = data.draw(st.permutations(range(num_logical + 3)), label="physical ids")[:num_logical]
     logical_of = {p: b for b, p in enumerate(physical)}
-    physical_ids = torch.tensor(physical, dtype=torch.int32)
-    for position in range(prompt.num_tokens, newest + 1):
-        num_blocks = position // bs + 1
-        table = compacted_block_table(kept, prompt.num_blocks, num_blocks, physical_ids)
-        seq_len = compacted_seq_len(table.shape[1], position, bs)
-        assert table.dtype == torch.int32
-        assert (table.shape[1] - 1) * bs < seq_len <= table.shape[1] * bs, "the last block holds the newest"
-        tail = list(range(prompt.num_blocks, num_blocks))
-        for layer, row in enumerate(table.tolist()):
+    first = prompt.num_tokens
+    draft_round = _round(kept, prompt.num_blocks, physical, first, newest - first + 1, bs)
+    for step, position in enumerate(range(first, newest + 1)):
+        tables, seq_lens, slots, _ = draft_round.step([0], step)
+        seq_len = seq_lens[0]
+        assert tables.dtype == torch.int32
+        assert seq_len <= tables.shape[2] * bs
+        assert slots == [physical[position // bs] * bs + position % bs]
+        for layer, row in enumerate(tables[:, 0].tolist()):
             kept_row = kept[layer].tolist()
-            assert row == [physical[b] for b in kept_row + tail]
+            assert row == [physical[b] for b in kept_row + list(range(prompt.num_blocks, num_logical))]
             # The kernel reads slots 0 .. seq_len-1 in table order; the query is the last one (the newest).
             view = [logical_of[p] * bs + i for p in row for i in range(bs)][:seq_len]
             assert view == [p for p in range(position + 1) if p >= prompt.num_tokens or p // bs in kept_row]

@@ -169,6 +169,32 @@ def test_failed_self_check_turns_std_off(
     assert "STD on:" not in log
 
 
+def test_full_graphs_that_cannot_be_captured_fall_back_to_the_piecewise_path(
+    two_videos: tuple[list[dict], list[list[int]]],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Where STD's own full graphs of the draft step fail to capture (tests/full_graphs_on.py turns them on
+    on this CPU, which has none), one warning line names the backend and the error, and the draft steps
+    run as they would without them: the self-check passes on that path, requests are drafted, and the
+    outputs equal no speculation's."""
+    requests, expected = two_videos
+    with engine(
+        "qwen2_vl", speculative_config=FAULT_SPEC, worker_extension_cls="full_graphs_on.FullGraphsOn"
+    ) as llm:
+        got = token_ids(llm.generate(requests, LONG))
+        counters = spec_decode_counters(llm)
+        std = std_metrics(llm)
+    assert got == expected
+    assert counters["num_drafts"] > 0
+    assert sum(std["drafter_faults"].values()) == 0
+    log = "".join(capfd.readouterr())
+    failures = [line for line in log.splitlines() if "full CUDA graphs of the draft step failed" in line]
+    assert len(failures) == 1, failures
+    assert "failed their capture on the CPU_ATTN attention backend (" in failures[0]
+    assert "draft steps run on vLLM's piecewise graphs instead" in failures[0]
+    assert "STD on:" in log
+
+
 def test_draft_steps_padded_as_for_cuda_graphs_are_lossless(
     two_videos: tuple[list[dict], list[list[int]]],
 ) -> None:

@@ -22,10 +22,12 @@ import torch
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
-from vllm_std.selection import kv_slots
+from vllm_std.draft_step import DraftRequest, DraftRound
+from vllm_std.selection import RequestSelection, kv_slots
 
 if TYPE_CHECKING:
     from vllm_std.runner_view import RunnerView
+    from vllm_std.sparse_drafter import SparseDrafter
 
 
 class StartupCalibration:
@@ -35,8 +37,10 @@ class StartupCalibration:
     MAX_BATCH = 4
     MAX_CONTEXT = 32_768
 
-    def __init__(self, view: "RunnerView", adapter: AttentionAdapter, max_gamma: int) -> None:
-        self.view, self.adapter, self.max_gamma = view, adapter, max_gamma
+    def __init__(
+        self, view: "RunnerView", adapter: AttentionAdapter, max_gamma: int, drafter: "SparseDrafter"
+    ) -> None:
+        self.view, self.adapter, self.max_gamma, self.drafter = view, adapter, max_gamma, drafter
         fits = view.runner.max_num_tokens // (max_gamma + 1)
         self.batch = max(1, min(self.MAX_BATCH, view.max_num_seqs, fits))
         block_size = view.block_size
@@ -80,8 +84,9 @@ class StartupCalibration:
         )
 
     def _forward(self, batch: int, context: int, query_len: int, sparse: bool) -> Callable[[], None]:
-        """A forward over `batch` rows reading `context` cached tokens plus `query_len` new ones, built as
-        drafting (`sparse`) or the target builds it, from its metadata to its logits on the host."""
+        """A forward over `batch` rows reading `context` cached tokens plus `query_len` new ones, run as a
+        draft step runs (`sparse`: the drafter's own path, its full graphs where it has them) or as the target
+        builds it, from its inputs to its logits on the host."""
         view, block_size = self.view, self.view.block_size
         seq_len = context + query_len
         num_blocks = -(-seq_len // block_size)
@@ -93,17 +98,33 @@ class StartupCalibration:
         common = view.common_metadata(seq_lens, table, slots, query_len)
         tokens = torch.ones(batch * query_len, dtype=torch.int64)
 
+        if sparse:
+            draft_round = self._round(table, context)
+            rows, device_tokens = list(range(batch)), tokens.to(view.device)
+
+            def draft() -> None:
+                logits = self.drafter.forward(draft_round, rows, 0, device_tokens)
+                float(logits[-1, 0])  # waits for the device
+
+            return draft
+
         def forward() -> None:
-            if sparse:
-                tables = table.expand(len(view.layer_names), -1, -1)
-                builder = view.attn_group.get_metadata_builder()
-                metadata = self.adapter.sparse_metadata(builder, common, tables, view.layer_names)
-            else:
-                metadata = view.dense_metadata(common)
-            logits = view.draft_logits(tokens, positions, slots, metadata)
+            logits = view.draft_logits(tokens, positions, slots, view.dense_metadata(common))
             float(logits[-1, 0])  # waits for the device
 
         return forward
+
+    def _round(self, table: torch.Tensor, context: int) -> DraftRound:
+        """A round of one draft step per row of `table`, at position `context`, every block kept."""
+        view, num_layers = self.view, len(self.view.layer_names)
+        num_prompt_blocks = -(-context // view.block_size)
+        kept = torch.arange(num_prompt_blocks).expand(num_layers, -1)
+        selection = RequestSelection(kept, num_prompt_blocks, 0, 0, 0, 0)
+        requests = [
+            DraftRequest(row, selection, context + 1, 1, ids[kept].to(view.device), ids.tolist(), 0)
+            for row, ids in enumerate(table)
+        ]
+        return DraftRound(requests, num_layers, view.block_size, view.device)
 
 
 class StepOverhead:

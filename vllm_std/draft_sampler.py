@@ -54,13 +54,13 @@ class DraftSampler:
     def sample(
         self, logits: torch.Tensor, rows: Sequence[int], step: int, positions: Sequence[int]
     ) -> torch.Tensor:
-        """The drafts of one draft step (on the CPU) from its logits, one row per request of batch row
-        `rows[j]` at model position `positions[j]`: argmax for greedy requests, a draw from the processed
-        distribution for sampled ones, whose probabilities are kept at draft `step`."""
+        """The drafts of one draft step (on the logits' device) from its logits, one row per request of
+        batch row `rows[j]` at model position `positions[j]`: argmax for greedy requests, a draw from the
+        processed distribution for sampled ones, whose probabilities are kept at draft `step`."""
         tokens = logits.argmax(dim=-1)
         picked = [j for j, row in enumerate(rows) if row in self.sampled]
         if not picked:
-            return tokens.cpu()
+            return tokens
         batch_rows = [rows[j] for j in picked]
         probs = self._probabilities(logits[picked], batch_rows)
         noise = torch.empty_like(probs)
@@ -70,7 +70,7 @@ class DraftSampler:
             noise[i].exponential_(generator=own or self.generator)
         tokens[picked] = probs.div(noise).argmax(dim=-1)
         self._kept(probs.shape[-1], probs.device)[batch_rows, step] = probs
-        return tokens.cpu()
+        return tokens
 
     def certain(self, row: int, tokens: Sequence[int]) -> None:
         """Drafts not drawn from the drafter (a look-up draft): probability 1 each, as vLLM takes drafts

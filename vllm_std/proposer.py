@@ -99,21 +99,26 @@ class STDProposer:
         self.view = view
 
     def after_warm_up(self) -> None:
-        """Called once vLLM has warmed up (and captured its CUDA graphs), before any request: the self-check,
-        then the cost model. A failed self-check turns STD off for this engine, which serves on without
-        speculation; every rank takes the same branch (their forward passes hold collectives)."""
-        if self.view is None or self.adapter is None or self._started:
+        """Called once vLLM has warmed up (and captured its CUDA graphs), before any request: STD's own full
+        graphs of the draft step where the engine allows them, the self-check, then the cost model.
+
+        A capture that raises, or a self-check that fails on the full graphs, drops them with one warning
+        line: the draft steps run on vLLM's piecewise graphs, checked again. A self-check failing there turns
+        STD off for this engine, which serves on without speculation. Every rank takes the same branch
+        (their forward passes hold collectives)."""
+        if self.view is None or self.adapter is None or self.sparse is None or self._started:
             return
         self._started = True
-        view, adapter = self.view, self.adapter
+        view = self.view
         start = time.perf_counter()
-        error = None
-        try:
-            StartupSelfCheck(view, adapter).run()
-        except Exception as exc:  # a kernel may raise anything; each is a failed check
-            error = (
-                exc if isinstance(exc, SelfCheckFailed) else SelfCheckFailed(f"{type(exc).__name__}: {exc}")
-            )
+        error = self._attempt(self.sparse.capture_graphs)
+        if view.any_rank(error is not None):
+            self._drop_graphs("capture", error)
+        elif self.sparse.graphs is not None:
+            error = self._attempt(self._self_check)
+            if view.any_rank(error is not None):
+                self._drop_graphs("self-check", error)
+        error = self._attempt(self._self_check)
         if view.any_rank(error is not None):
             self.disabled = True
             if view.tp_rank == 0:
@@ -128,9 +133,37 @@ class STDProposer:
             return
         self_check_seconds = time.perf_counter() - start
         if self.config.adaptive and self.rounds is not None:
-            self.rounds.calibrate(adapter)
+            self.rounds.calibrate(self.adapter, self.sparse)
         if view.tp_rank == 0:
             self._log_settings(view, self_check_seconds)
+
+    def _self_check(self) -> None:
+        assert self.view is not None and self.adapter is not None and self.sparse is not None
+        StartupSelfCheck(self.view, self.adapter, self.sparse).run()
+
+    @staticmethod
+    def _attempt(action: Callable[[], None]) -> SelfCheckFailed | None:
+        """Runs a start-up check; what it raised, as a failed check (a kernel may raise anything)."""
+        try:
+            action()
+        except SelfCheckFailed as exc:
+            return exc
+        except Exception as exc:
+            return SelfCheckFailed(f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _drop_graphs(self, stage: str, error: SelfCheckFailed | None) -> None:
+        """STD's full graphs failed at `stage`: draft steps go back to vLLM's piecewise graphs."""
+        assert self.view is not None and self.sparse is not None
+        self.sparse.graphs = None
+        if self.view.tp_rank == 0:
+            logger.warning(
+                "STD's full CUDA graphs of the draft step failed their %s on the %s attention backend (%s); "
+                "draft steps run on vLLM's piecewise graphs instead",
+                stage,
+                self.view.backend_name,
+                error if error is not None else "on another tensor-parallel rank",
+            )
 
     def _log_settings(self, view: RunnerView, self_check_seconds: float) -> None:
         """The one start-up line with the resolved settings (TP rank 0 only)."""

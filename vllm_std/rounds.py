@@ -6,20 +6,21 @@ its decisions to the other ranks, then learns from each verified round and from 
 import dataclasses
 import logging
 import time
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.calibration import StartupCalibration, StepOverhead
 from vllm_std.capture import PrefillScorer
 from vllm_std.config import STDConfig
 from vllm_std.cost_model import CostModel
-from vllm_std.draft_step import DraftRequest
+from vllm_std.draft_step import DraftRequest, KeptBlocks
 from vllm_std.gamma_policy import Decision, GammaPolicy
 from vllm_std.lookup import NO_DRAFT, LookupDraft, LookupMatcher, lookup_drafter
 from vllm_std.metrics import STDMetrics
 from vllm_std.runner_view import RunnerView
+
+if TYPE_CHECKING:
+    from vllm_std.sparse_drafter import SparseDrafter
 
 # Under "vllm." so that vLLM's own logging configuration prints it.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -61,6 +62,7 @@ class RoundPlanner:
         self.cost: CostModel | None = None
         self.policy: GammaPolicy | None = None
         self.overhead = StepOverhead()
+        self.kept = KeptBlocks(view.device)
         self._priced: tuple[CostModel, CostModel] | None = None
         self._priced_steps = 0
         # Of the next steps of an unchanged batch, how many the last decisions (none drafting) still cover,
@@ -69,14 +71,14 @@ class RoundPlanner:
         self._idle_eligible = 0
         self._looked_up: set[str] = set()  # the requests whose last round was their look-up draft
 
-    def calibrate(self, adapter: AttentionAdapter) -> None:
+    def calibrate(self, adapter: AttentionAdapter, drafter: "SparseDrafter") -> None:
         """The cost model for adaptive gamma: the saved profile, or a measurement now (on every rank, as the
         forward passes hold collectives; rank 0's is used)."""
         start = time.perf_counter()
         if self.config.cost_profile is not None:
             self.cost, source = CostModel.load(self.config.cost_profile), self.config.cost_profile
         else:
-            calibration = StartupCalibration(self.view, adapter, self.gamma)
+            calibration = StartupCalibration(self.view, adapter, self.gamma, drafter)
             self.cost, source = calibration.run(), "measured at start-up"
         if self.view.tp_rank != 0:
             return
@@ -138,9 +140,10 @@ class RoundPlanner:
                 looked_up[e.row] = e.lookup.tokens[:k]
                 continue
             selection = self.scorer.selections[e.req_id]
-            physical = torch.tensor(self.view.block_ids(e.req_id), dtype=torch.int32)
+            block_ids = self.view.block_ids(e.req_id)
+            kept = self.kept.of(e.req_id, selection, block_ids)
             delta = self.view.position_delta(e.req_id)
-            sparse.append(DraftRequest(e.row, selection, e.n, k, physical, delta))
+            sparse.append(DraftRequest(e.row, selection, e.n, k, kept, block_ids, delta))
         self._looked_up = {e.req_id for e in eligible if e.row in looked_up}
         return Round(sparse, looked_up)
 
@@ -242,12 +245,14 @@ class RoundPlanner:
             self.metrics.not_paying(self._idle_eligible)
 
     def release(self, req_ids: set[str]) -> None:
+        self.kept.release(req_ids)
         if self.policy is not None:
             self.policy.release(req_ids)
         if self.lookup is not None:
             self.lookup.release(req_ids)
 
     def forget(self, live_req_ids: set[str]) -> None:
+        self.kept.forget(live_req_ids)
         if self.policy is not None:
             self.policy.forget(live_req_ids)
         if self.lookup is not None:

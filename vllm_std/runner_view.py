@@ -225,6 +225,27 @@ class RunnerView:
             and "vllm::unified_kv_cache_update" in splitting_ops
         )
 
+    @property
+    def full_draft_graphs(self) -> bool:
+        """Whether STD may capture full graphs of its draft step (`vllm_std.draft_graphs`): on CUDA, with a
+        backend whose kernels read every table and length from device memory, in an engine that captures
+        CUDA graphs at all."""
+        from vllm.config import CUDAGraphMode
+
+        from vllm_std.draft_graphs import GRAPH_BACKENDS
+
+        return (
+            self.device.type == "cuda"
+            and self.backend_name in GRAPH_BACKENDS
+            and not self.vllm_config.model_config.enforce_eager
+            and self.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE
+        )
+
+    @property
+    def cudagraph_capture_sizes(self) -> list[int]:
+        """The batch sizes (in tokens) vLLM captured its graphs for."""
+        return list(self.vllm_config.compilation_config.cudagraph_capture_sizes or [])
+
     def dense_metadata(self, common: Any) -> dict[str, Any]:
         """Per-layer metadata as the target builds it: one build of `common` read by every layer."""
         built = self.attn_group.get_metadata_builder().build(common_prefix_len=0, common_attn_metadata=common)

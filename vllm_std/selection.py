@@ -1,4 +1,4 @@
-"""Block selection and the drafter's compacted block-table view. Pure torch, no vLLM.
+"""Block selection and the lengths of the drafter's compacted views. Pure torch, no vLLM.
 
 Selection works on whole PagedAttention blocks: a block is a *candidate* for dropping only when every one of
 its positions is a visual token of the prompt. Every other block (system prompt, question, generated text, a
@@ -80,19 +80,6 @@ def streaming_blocks(
     sinks = min(sink_blocks, num_kept - 1) if num_kept > 1 else 0
     recent = torch.arange(num_prompt_blocks - (num_kept - sinks), num_prompt_blocks)
     return torch.cat([torch.arange(sinks), recent]).expand(num_layers, -1)
-
-
-def compacted_block_table(
-    kept_prompt_blocks: torch.Tensor, num_prompt_blocks: int, num_blocks: int, physical: torch.Tensor
-) -> torch.Tensor:
-    """`[L, n]` physical block ids the drafter reads: kept prompt blocks, then every block after the prompt.
-
-    `num_blocks` counts the logical blocks up to and including the one holding the newest token;
-    `physical[b]` is the physical id of logical block `b`.
-    """
-    num_layers = kept_prompt_blocks.shape[0]
-    tail = torch.arange(num_prompt_blocks, num_blocks).expand(num_layers, -1)
-    return physical[torch.cat([kept_prompt_blocks, tail], dim=1)]
 
 
 def kv_slots(

@@ -4,7 +4,8 @@ dense step, on the engine's own hardware, backend and kernels.
 One synthetic batch runs through the real runner, adapter and attention kernels on scratch KV blocks (no
 request exists yet, as for the calibration): two prompts of different lengths, each ending inside a block,
 are prefilled; then one decode step runs dense and eagerly, and again through the drafter's path
-(`draft_step_inputs`, replaying vLLM's piecewise CUDA graphs where drafting does) with every block kept.
+(`SparseDrafter.forward`: STD's own full CUDA graphs, or vLLM's piecewise graphs, wherever drafting
+uses them) with every block kept.
 With every block kept the drafter's view is the whole context, so its logits must equal the dense step's
 (within what the dtype allows), and the only KV it may change is in the blocks it writes (all blocks are
 compared on an accelerator; on the CPU the first `CPU_CHECKED_BLOCKS`, the check's own among them).
@@ -18,11 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_std.backends.base import AttentionAdapter
-from vllm_std.draft_step import DraftRequest, draft_step_inputs
+from vllm_std.draft_step import DraftRequest, DraftRound
 from vllm_std.selection import RequestSelection, kv_slots
 
 if TYPE_CHECKING:
     from vllm_std.runner_view import RunnerView
+    from vllm_std.sparse_drafter import SparseDrafter
 
 # Largest |draft - dense| logit, relative to the largest dense logit, that rounding in each dtype allows
 # (the draft step may take another kernel path, e.g. FlashAttention without its ahead-of-time schedule).
@@ -51,8 +53,8 @@ def block_checksums(cache: torch.Tensor, num_blocks: int, chunk_blocks: int = 25
 
 
 class StartupSelfCheck:
-    def __init__(self, view: "RunnerView", adapter: AttentionAdapter) -> None:
-        self.view, self.adapter = view, adapter
+    def __init__(self, view: "RunnerView", adapter: AttentionAdapter, drafter: "SparseDrafter") -> None:
+        self.view, self.adapter, self.drafter = view, adapter, drafter
         block_size = view.block_size
         # Two rows of different lengths whose last blocks are partly filled (so their tables differ in
         # width); block 0 is vLLM's null block.
@@ -81,13 +83,15 @@ class StartupSelfCheck:
         )
         before = [block_checksums(cache, checked) for cache in view.kv_caches]
         self._dense((nexts + 1) % vocab, self.physical, start=None)  # other keys in the owned slots
-        requests = [
-            DraftRequest(row, self._keep_all(context), context + 1, 1, physical, 0)
-            for row, (context, physical) in enumerate(zip(self.contexts, self.physical, strict=True))
-        ]
-        inputs = draft_step_inputs(view, self.adapter, requests, 0)
-        draft = view.draft_logits(nexts.to(view.device), inputs.positions, inputs.slots, inputs.metadata)
-        owned = set((inputs.slots // view.block_size).tolist())
+        requests = []
+        for row, (context, physical) in enumerate(zip(self.contexts, self.physical, strict=True)):
+            selection = self._keep_all(context)
+            kept = physical[selection.kept_prompt_blocks].to(view.device)
+            requests.append(DraftRequest(row, selection, context + 1, 1, kept, physical.tolist(), 0))
+        draft_round = DraftRound(requests, len(view.layer_names), view.block_size, view.device)
+        active = list(range(len(requests)))
+        draft = self.drafter.forward(draft_round, active, 0, nexts.to(view.device))
+        owned = {slot // view.block_size for slot in draft_round.step(active, 0)[2]}
         for layer, (cache, sums) in enumerate(zip(view.kv_caches, before, strict=True)):
             changed = set(torch.nonzero(block_checksums(cache, checked) != sums).flatten().tolist()) - owned
             if changed:

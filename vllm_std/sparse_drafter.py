@@ -8,8 +8,9 @@ import torch
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.config import STDConfig
+from vllm_std.draft_graphs import DraftGraphs, graph_sizes
 from vllm_std.draft_sampler import DraftSampler
-from vllm_std.draft_step import DraftRequest, draft_step_inputs
+from vllm_std.draft_step import DraftRequest, DraftRound
 from vllm_std.runner_view import RunnerView
 
 
@@ -21,6 +22,17 @@ class SparseDrafter:
         self.view, self.adapter = view, adapter
         self.draft_probs = config.draft_probs
         self.generator = torch.Generator(device=view.device).manual_seed(view.seed)
+        self.graphs: DraftGraphs | None = None  # STD's own full graphs, once captured (`capture_graphs`)
+
+    def capture_graphs(self) -> None:
+        """Captures full graphs of the draft step where the engine allows them (`full_draft_graphs`); raises
+        what the capture raised, and then keeps no graph."""
+        if not self.view.full_draft_graphs:
+            return
+        sizes = graph_sizes(self.view.cudagraph_capture_sizes, self.view.max_num_seqs)
+        graphs = DraftGraphs(self.view, self.adapter, sizes)
+        graphs.capture()
+        self.graphs = graphs
 
     def sampler(self, rows: list[int], num_rows: int, longest: int) -> DraftSampler | None:
         """The round's draws of sampled requests' drafts, for the requests of batch rows `rows` drafting at
@@ -38,23 +50,34 @@ class SparseDrafter:
         drafts: list[list[int]],
         sampler: DraftSampler | None,
     ) -> float:
-        """The draft steps for `requests`, their drafts appended to `drafts` by batch row; the seconds."""
-        tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests])
+        """The draft steps for `requests`, their drafts appended to `drafts` by batch row; the seconds. The
+        drafted tokens stay on the device until the round ends: one copy to the host a round."""
+        device = self.view.device
+        draft_round = DraftRound(requests, len(self.view.layer_names), self.view.block_size, device)
+        tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests]).to(device)
+        longest = max(r.num_drafts for r in requests)
+        drafted = torch.zeros(len(requests), longest, dtype=torch.int64, device=device)
         start = time.perf_counter()
-        for step in range(max(r.num_drafts for r in requests)):
+        for step in range(longest):
             active = [i for i, r in enumerate(requests) if r.num_drafts > step]
-            logits = self.step([requests[i] for i in active], tokens[active], step)
+            logits = self.forward(draft_round, active, step, tokens[active])
             if sampler is None:
-                next_tokens = logits.argmax(dim=-1).cpu()
+                next_tokens = logits.argmax(dim=-1)
             else:
                 positions = [requests[i].position(step) for i in active]
                 next_tokens = sampler.sample(logits, [requests[i].row for i in active], step, positions)
-            for i, token in zip(active, next_tokens.tolist(), strict=True):
-                drafts[requests[i].row].append(token)
             tokens[active] = next_tokens
+            drafted[active, step] = next_tokens
+        for r, row in zip(requests, drafted.tolist(), strict=True):
+            drafts[r.row].extend(row[: r.num_drafts])
         return time.perf_counter() - start
 
-    def step(self, requests: list[DraftRequest], tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """The logits of one draft step over the requests' compacted views."""
-        inputs = draft_step_inputs(self.view, self.adapter, requests, step)
+    def forward(
+        self, draft_round: DraftRound, active: list[int], step: int, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """The logits of draft step `step` for the round's requests `active` (their input `tokens`): a full
+        graph replayed where one holds the round, else vLLM's piecewise graphs or an eager forward."""
+        if self.graphs is not None and self.graphs.fits(len(draft_round.requests)):
+            return self.graphs.step(draft_round, active, step, tokens)
+        inputs = draft_round.inputs(self.view, self.adapter, active, step)
         return self.view.draft_logits(tokens, inputs.positions, inputs.slots, inputs.metadata)

@@ -50,14 +50,15 @@ class SparseDrafter:
         drafts: list[list[int]],
         sampler: DraftSampler | None,
     ) -> float:
-        """The draft steps for `requests`, their drafts appended to `drafts` by batch row; the seconds. The
-        drafted tokens stay on the device until the round ends: one copy to the host a round."""
+        """The draft steps for `requests`, their drafts appended to `drafts` by batch row; the seconds, from
+        the round's tables to its drafts on the host (what the cost model's drafting overhead learns from).
+        The drafted tokens stay on the device until the round ends: one copy to the host a round."""
+        start = time.perf_counter()
         device = self.view.device
         draft_round = DraftRound(requests, len(self.view.layer_names), self.view.block_size, device)
         tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests]).to(device)
         longest = max(r.num_drafts for r in requests)
         drafted = torch.zeros(len(requests), longest, dtype=torch.int64, device=device)
-        start = time.perf_counter()
         for step in range(longest):
             active = [i for i, r in enumerate(requests) if r.num_drafts > step]
             logits = self.forward(draft_round, active, step, tokens[active])

@@ -283,9 +283,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument(
         "--model",
-        help="checkpoint folder or hub id; `sparse` for the trained look-up fixture, `sparse-spread` for that "
-        "model with spread next-token distributions (for --temperature > 0) (default: the tiny random-weight "
-        "Qwen2-VL fixture)",
+        help="checkpoint folder or hub id; `sparse` for the trained look-up fixture, `sparse-spread` for "
+        "that model with spread next-token distributions (for --temperature > 0) (default: the tiny "
+        "random-weight Qwen2-VL fixture)",
     )
     parser.add_argument(
         "--video",

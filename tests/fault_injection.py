@@ -15,7 +15,7 @@ class FaultInjector:
         target, name = {
             "scoring": (drafter.scorer, "_score_layer"),
             "selection": (capture, "select_blocks"),
-            "drafting": (drafter.sparse, "step"),
+            "drafting": (drafter.sparse, "forward"),
         }[stage]
         original = getattr(target, name)
 

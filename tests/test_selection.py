@@ -138,19 +138,20 @@ def test_draft_round_tables_by_hand() -> None:
     physical = [40, 41, 42, 43, 44, 45, 46]
     kept = torch.tensor([[0, 2, 4], [1, 3, 4]])
     draft_round = _round(kept, 5, physical, first=22, num_drafts=4, bs=4)  # positions 22 .. 25
-    tables, seq_lens, slots, positions = draft_round.step([0], 0)
+    seq_lens, slots, positions = draft_round.step([0], 0)
+    tables = draft_round.tables
     assert tables[:, 0].tolist() == [[40, 42, 44, 45, 46], [41, 43, 44, 45, 46]]
     assert tables.dtype == torch.int32
     assert (seq_lens, slots, positions) == ([4 + 4 + 4 + 3], [45 * 4 + 2], [22])
-    _, seq_lens, slots, positions = draft_round.step([0], 2)  # position 24: offset 0 of logical block 6
+    seq_lens, slots, positions = draft_round.step([0], 2)  # position 24: offset 0 of logical block 6
     assert (seq_lens, slots, positions) == ([4 * 4 + 1], [46 * 4], [24])
 
 
 def test_draft_round_with_the_newest_token_in_the_last_prompt_block() -> None:
     """A draft in the last prompt block: no block after the prompt, only the kept prompt blocks."""
     draft_round = _round(torch.tensor([[0, 2]]), 3, [7, 3, 9], first=9, num_drafts=1, bs=4)
-    tables, seq_lens, slots, _ = draft_round.step([0], 0)
-    assert tables[:, 0].tolist() == [[7, 9]]
+    seq_lens, slots, _ = draft_round.step([0], 0)
+    assert draft_round.tables[:, 0].tolist() == [[7, 9]]
     assert (seq_lens, slots) == ([4 + 2], [9 * 4 + 1])
 
 
@@ -340,7 +341,8 @@ def test_compacted_view_reads_exactly_the_kept_positions_while_decoding(
     first = prompt.num_tokens
     draft_round = _round(kept, prompt.num_blocks, physical, first, newest - first + 1, bs)
     for step, position in enumerate(range(first, newest + 1)):
-        tables, seq_lens, slots, _ = draft_round.step([0], step)
+        seq_lens, slots, _ = draft_round.step([0], step)
+        tables = draft_round.tables
         seq_len = seq_lens[0]
         assert tables.dtype == torch.int32
         assert seq_len <= tables.shape[2] * bs

@@ -22,8 +22,8 @@ import torch
 
 from vllm_std.backends.base import AttentionAdapter
 from vllm_std.cost_model import CostModel, fit_step_cost, fit_verify_cost
-from vllm_std.draft_step import DraftRequest, DraftRound
-from vllm_std.selection import RequestSelection, kv_slots
+from vllm_std.draft_step import keep_all_round
+from vllm_std.selection import kv_slots
 
 if TYPE_CHECKING:
     from vllm_std.runner_view import RunnerView
@@ -99,7 +99,9 @@ class StartupCalibration:
         tokens = torch.ones(batch * query_len, dtype=torch.int64)
 
         if sparse:
-            draft_round = self._round(table, context)
+            draft_round = keep_all_round(
+                list(table), [context] * batch, len(view.layer_names), block_size, view.device
+            )
             rows, device_tokens = list(range(batch)), tokens.to(view.device)
 
             def draft() -> None:
@@ -113,18 +115,6 @@ class StartupCalibration:
             float(logits[-1, 0])  # waits for the device
 
         return forward
-
-    def _round(self, table: torch.Tensor, context: int) -> DraftRound:
-        """A round of one draft step per row of `table`, at position `context`, every block kept."""
-        view, num_layers = self.view, len(self.view.layer_names)
-        num_prompt_blocks = -(-context // view.block_size)
-        kept = torch.arange(num_prompt_blocks).expand(num_layers, -1)
-        selection = RequestSelection(kept, num_prompt_blocks, 0, 0, 0, 0)
-        requests = [
-            DraftRequest(row, selection, context + 1, 1, ids[kept].to(view.device), ids.tolist(), 0)
-            for row, ids in enumerate(table)
-        ]
-        return DraftRound(requests, num_layers, view.block_size, view.device)
 
 
 class StepOverhead:

@@ -180,7 +180,7 @@ class DraftGraphs:
         if self._round is not draft_round:
             inputs.load_round(draft_round.tables)
             self._round = draft_round
-        _, seq_lens, slots, positions = draft_round.step(active, step)
+        seq_lens, slots, positions = draft_round.step(active, step)
         inputs.load_step(active, seq_lens, slots, positions, tokens)
         self.replay(size)
         return self.logits[size][: len(active)]

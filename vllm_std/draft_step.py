@@ -90,9 +90,9 @@ class DraftRound:
             self.tables[:, row, m : m + len(tail)] = tail_ids[start : start + len(tail)]
             start += len(tail)
 
-    def step(self, active: list[int], step: int) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
-        """Draft step `step` of the requests `active` (indices into the round's): their `[L, B, W]` tables,
-        and per request the compacted view's length, the true KV slot and the model position."""
+    def step(self, active: list[int], step: int) -> tuple[list[int], list[int], list[int]]:
+        """Draft step `step` of the requests `active` (indices into the round's): per request the compacted
+        view's length, the true KV slot and the model position."""
         bs = self.block_size
         seq_lens, slots, positions = [], [], []
         for i in active:
@@ -102,16 +102,33 @@ class DraftRound:
             seq_lens.append(compacted_seq_len(num_blocks, pos, bs))
             slots.append(int(r.block_ids[pos // bs]) * bs + pos % bs)
             positions.append(pos + r.delta)
-        tables = self.tables if len(active) == len(self.requests) else self.tables[:, active]
-        return tables, seq_lens, slots, positions
+        return seq_lens, slots, positions
 
     def inputs(
         self, view: "RunnerView", adapter: AttentionAdapter, active: list[int], step: int
     ) -> DraftStepInputs:
         """The backend's per-layer metadata and the model inputs of one draft step."""
-        tables, seq_lens, slots, positions = self.step(active, step)
+        seq_lens, slots, positions = self.step(active, step)
+        tables = self.tables if len(active) == len(self.requests) else self.tables[:, active]
         slot_tensor = torch.tensor(slots, dtype=torch.int64).to(view.device)
         common = view.common_metadata(torch.tensor(seq_lens, dtype=torch.int32), tables[0], slot_tensor)
         builder = view.attn_group.get_metadata_builder()
         metadata = adapter.sparse_metadata(builder, common, tables, view.layer_names)
         return DraftStepInputs(torch.tensor(positions, dtype=torch.int64), slot_tensor, metadata)
+
+
+def keep_all_round(
+    physical: Sequence[torch.Tensor],
+    contexts: Sequence[int],
+    num_layers: int,
+    block_size: int,
+    device: torch.device,
+) -> DraftRound:
+    """One draft step per row, at position `contexts[i]` over the physical blocks `physical[i]`, every block
+    kept: the synthetic rounds of the start-up self-check and calibration (each view the whole context)."""
+    requests = []
+    for row, (ids, context) in enumerate(zip(physical, contexts, strict=True)):
+        kept = torch.arange(-(-context // block_size)).expand(num_layers, -1)
+        selection = RequestSelection.of(kept, torch.zeros(context, dtype=torch.bool), block_size)
+        requests.append(DraftRequest(row, selection, context + 1, 1, ids[kept].to(device), ids.tolist(), 0))
+    return DraftRound(requests, num_layers, block_size, device)

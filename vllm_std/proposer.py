@@ -118,7 +118,10 @@ class STDProposer:
             error = self._attempt(self._self_check)
             if view.any_rank(error is not None):
                 self._drop_graphs("self-check", error)
+        # The piecewise path, checked with the graphs set aside: it serves every batch they do not hold.
+        graphs, self.sparse.graphs = self.sparse.graphs, None
         error = self._attempt(self._self_check)
+        self.sparse.graphs = graphs
         if view.any_rank(error is not None):
             self.disabled = True
             if view.tp_rank == 0:

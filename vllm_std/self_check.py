@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_std.backends.base import AttentionAdapter
-from vllm_std.draft_step import DraftRequest, DraftRound
-from vllm_std.selection import RequestSelection, kv_slots
+from vllm_std.draft_step import keep_all_round
+from vllm_std.selection import kv_slots
 
 if TYPE_CHECKING:
     from vllm_std.runner_view import RunnerView
@@ -83,15 +83,12 @@ class StartupSelfCheck:
         )
         before = [block_checksums(cache, checked) for cache in view.kv_caches]
         self._dense((nexts + 1) % vocab, self.physical, start=None)  # other keys in the owned slots
-        requests = []
-        for row, (context, physical) in enumerate(zip(self.contexts, self.physical, strict=True)):
-            selection = self._keep_all(context)
-            kept = physical[selection.kept_prompt_blocks].to(view.device)
-            requests.append(DraftRequest(row, selection, context + 1, 1, kept, physical.tolist(), 0))
-        draft_round = DraftRound(requests, len(view.layer_names), view.block_size, view.device)
-        active = list(range(len(requests)))
+        draft_round = keep_all_round(
+            self.physical, self.contexts, len(view.layer_names), view.block_size, view.device
+        )
+        active = list(range(len(self.contexts)))
         draft = self.drafter.forward(draft_round, active, 0, nexts.to(view.device))
-        owned = {slot // view.block_size for slot in draft_round.step(active, 0)[2]}
+        owned = {slot // view.block_size for slot in draft_round.step(active, 0)[1]}
         for layer, (cache, sums) in enumerate(zip(view.kv_caches, before, strict=True)):
             changed = set(torch.nonzero(block_checksums(cache, checked) != sums).flatten().tolist()) - owned
             if changed:
@@ -100,11 +97,6 @@ class StartupSelfCheck:
                     f"not write (it writes blocks {sorted(owned)})"
                 )
         self._compare(dense.float(), draft.float())
-
-    def _keep_all(self, context: int) -> RequestSelection:
-        num_prompt_blocks = -(-context // self.view.block_size)
-        kept = torch.arange(num_prompt_blocks).expand(len(self.view.layer_names), -1)
-        return RequestSelection.of(kept, torch.zeros(context, dtype=torch.bool), self.view.block_size)
 
     def _dense(self, tokens: torch.Tensor, physical: list[torch.Tensor], start: int | None) -> torch.Tensor:
         """A target forward pass: one row prefilling `tokens` from position `start`, or (`start` None) one

@@ -25,8 +25,17 @@ import torch
 
 from vllm_std.backends import adapter_for
 from vllm_std.backends.base import split_cache_keys
-from vllm_std.draft_graphs import MAX_GRAPH_BATCH, GraphInputs, graph_sizes, padded_size
+from vllm_std.draft_graphs import (
+    MAX_GRAPH_BATCH,
+    GraphInputs,
+    agreed,
+    full_graphs_allowed,
+    graph_sizes,
+    padded_size,
+)
+from vllm_std.draft_step import DraftRequest, DraftRound
 from vllm_std.fixtures.models import tiny_model
+from vllm_std.selection import RequestSelection
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 32, 16
 NUM_LAYERS, NUM_BLOCKS = 2, 24
@@ -412,12 +421,95 @@ def test_graph_inputs_keep_their_addresses_and_pad_rows_to_nothing() -> None:
 
 
 def test_draft_batches_pad_to_the_smallest_captured_size() -> None:
-    """The sizes captured: vLLM's own below the largest draft batch, and that batch (at most 64 rows); a
-    round pads to the smallest that holds it, and one above the largest takes the piecewise path."""
-    assert graph_sizes([1, 2, 4, 8, 16, 24, 512], max_num_seqs=20) == [1, 2, 4, 8, 16, 20]
-    assert graph_sizes([1, 2, 4, 8, 512], max_num_seqs=256) == [1, 2, 4, 8, MAX_GRAPH_BATCH]
+    """The sizes captured: vLLM's own below the largest draft batch, and that batch: at most 64 rows, the
+    engine's most requests, and vLLM's own largest capture size (up to which FLASH_ATTN bounds its splits);
+    none where vLLM captures none. A round pads to the smallest size that holds it, and one above the largest
+    takes the piecewise path."""
+    assert graph_sizes([1, 2, 4, 8, 16, 24, 512], max_num_seqs=20, max_capture_size=512) == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        20,
+    ]
+    assert graph_sizes([1, 2, 4, 8, 512], max_num_seqs=256, max_capture_size=512) == [
+        1,
+        2,
+        4,
+        8,
+        MAX_GRAPH_BATCH,
+    ]
+    assert graph_sizes([1, 2, 4, 8], max_num_seqs=256, max_capture_size=8) == [1, 2, 4, 8]
+    assert graph_sizes([], max_num_seqs=256, max_capture_size=None) == []
     sizes = [1, 2, 4, 8]
     assert [padded_size(sizes, rows) for rows in (1, 3, 4, 5, 8, 9)] == [1, 4, 4, 8, 8, None]
+
+
+def test_full_graphs_only_where_the_backend_and_the_engine_allow_them() -> None:
+    """On CUDA, FLASH_ATTN or TRITON_ATTN, in an engine that captures graphs; FLASH_ATTN only beside vLLM's
+    own full graphs (vLLM's default), the only engines in which its builder bounds FlashAttention's splits."""
+    from vllm.config import CUDAGraphMode
+
+    default = CUDAGraphMode.FULL_AND_PIECEWISE
+    assert full_graphs_allowed("cuda", "FLASH_ATTN", False, default)
+    assert full_graphs_allowed("cuda", "TRITON_ATTN", False, CUDAGraphMode.PIECEWISE)
+    assert full_graphs_allowed("cuda", "FLASH_ATTN", False, CUDAGraphMode.FULL_DECODE_ONLY)
+    assert not full_graphs_allowed("cuda", "FLASH_ATTN", False, CUDAGraphMode.PIECEWISE)
+    assert not full_graphs_allowed("cuda", "TRITON_ATTN", False, CUDAGraphMode.NONE)
+    assert not full_graphs_allowed("cuda", "TRITON_ATTN", True, default)
+    assert not full_graphs_allowed("cuda", "FLASHINFER", False, default)
+    assert not full_graphs_allowed("cpu", "TRITON_ATTN", False, default)
+
+
+def test_a_capture_that_fails_on_one_rank_stops_every_rank() -> None:
+    """The ranks agree after each captured size: a rank whose own capture passed raises too when another's
+    failed (their next warm-up would wait in a collective for it), and one whose capture failed raises
+    its own error."""
+    done = []
+    agreed(lambda failed: failed, lambda: done.append(1))
+    with pytest.raises(RuntimeError, match="failed on another tensor-parallel rank"):
+        agreed(lambda failed: True, lambda: done.append(2))
+    assert done == [1, 2]
+
+    def fails() -> None:
+        raise ValueError("operation not permitted when stream is capturing")
+
+    with pytest.raises(ValueError, match="not permitted"):
+        agreed(lambda failed: failed, fails)
+
+
+def _round_of(lengths: list[tuple[int, int]], out: torch.Tensor | None) -> DraftRound:
+    """A round whose request `i` keeps `kept` of its prompt's blocks and drafts past it into `tail` more, per
+    `lengths[i] = (kept, tail)`: every block id distinct."""
+    requests = []
+    for row, (kept, tail) in enumerate(lengths):
+        num_prompt = kept + 2
+        ids = list(range(100 * row + 1, 100 * row + 1 + num_prompt + tail))
+        selection = RequestSelection(torch.arange(kept).expand(NUM_LAYERS, -1), num_prompt, 0, 0, 0, 0)
+        first = (num_prompt + tail - 1) * BLOCK_SIZE  # the last draft in the request's last block
+        kept_ids = torch.tensor(ids, dtype=torch.int32)[selection.kept_prompt_blocks]
+        requests.append(DraftRequest(row, selection, first + 1, 1, kept_ids, ids, 0))
+    return DraftRound(requests, NUM_LAYERS, BLOCK_SIZE, torch.device("cpu"), out)
+
+
+def test_rounds_that_fit_build_their_tables_in_the_graph_buffer() -> None:
+    """A round the graphs hold builds its tables in their buffer, so that loading it copies nothing; each
+    row reads there what a round of its own holds, also after a wider round left other ids past its end."""
+    inputs = graph_inputs()
+    wide, narrow = [(3, 2), (5, 1), (1, 1)], [(2, 1), (1, 0)]
+    for lengths in (wide, narrow):
+        own = _round_of(lengths, None)
+        built = _round_of(lengths, inputs.tables)
+        assert built.tables.data_ptr() == inputs.tables.data_ptr()
+        inputs.load_round(built.tables)
+        for row, (kept, tail) in enumerate(lengths):
+            width = kept + tail
+            assert torch.equal(inputs.tables[:, row, :width], own.tables[:, row, :width])
+    too_wide = _round_of([(GRAPH_BLOCKS, 1)], inputs.tables)
+    assert too_wide.tables.data_ptr() != inputs.tables.data_ptr(), (
+        "a round the buffer cannot hold has its own"
+    )
 
 
 def test_triton_reads_graph_inputs_refreshed_in_place(

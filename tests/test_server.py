@@ -542,6 +542,7 @@ def test_std_server_drafts_on_metrics(
     # One start-up line states the resolved settings; nothing of STD's is logged per step or per request.
     assert sum("STD on:" in line for line in std_server.log) == 1
     assert any(f"STD on: gamma={GAMMA} top_k=256 (2 blocks of 128)" in line for line in std_server.log)
+    assert any("CPU_ATTN, draft steps eager (self-check passed in" in line for line in std_server.log)
     assert sum("[proposer.py:" in line for line in std_server.log) == 1
 
 

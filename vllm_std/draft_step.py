@@ -72,16 +72,29 @@ class DraftRound:
     """The block tables of one round's draft steps, `[L, B, W]` on the device: each request's kept prompt
     blocks, then its blocks after the prompt up to the one its last draft writes (allocated ahead by vLLM's
     look-ahead slots). A step reads its requests' rows; each row's length masks the blocks a later step
-    will reach, and rows narrower than the widest read block 0 past their length."""
+    will reach, and past its length a row narrower than the widest holds block ids no step reads.
 
-    def __init__(self, requests: list[DraftRequest], num_layers: int, block_size: int, device: torch.device):
+    `out` (`[L, rows, blocks]`, at least as large): a buffer to build the tables in, the first rows and blocks
+    of each layer's; STD's full graphs read theirs from one (`DraftGraphs.table_buffer`)."""
+
+    def __init__(
+        self,
+        requests: list[DraftRequest],
+        num_layers: int,
+        block_size: int,
+        device: torch.device,
+        out: torch.Tensor | None = None,
+    ):
         self.requests, self.block_size = requests, block_size
         tails = []
         for r in requests:
             last_block = r.position(r.num_drafts - 1) // block_size + 1
             tails.append(list(r.block_ids[r.selection.num_prompt_blocks : last_block]))
         width = max(r.kept.shape[1] + len(t) for r, t in zip(requests, tails, strict=True))
-        self.tables = torch.zeros(num_layers, len(requests), width, dtype=torch.int32, device=device)
+        if out is not None and len(requests) <= out.shape[1] and width <= out.shape[2]:
+            self.tables = out[:, : len(requests), :width]
+        else:
+            self.tables = torch.zeros(num_layers, len(requests), width, dtype=torch.int32, device=device)
         tail_ids = torch.tensor([i for t in tails for i in t], dtype=torch.int32).to(device)
         start = 0
         for row, (r, tail) in enumerate(zip(requests, tails, strict=True)):

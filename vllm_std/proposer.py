@@ -162,17 +162,18 @@ class STDProposer:
         if self.view.tp_rank == 0:
             logger.warning(
                 "STD's full CUDA graphs of the draft step failed their %s on the %s attention backend (%s); "
-                "draft steps run on vLLM's piecewise graphs instead",
+                "draft steps run %s instead",
                 stage,
                 self.view.backend_name,
                 error if error is not None else "on another tensor-parallel rank",
+                self.sparse.describe(),
             )
 
     def _log_settings(self, view: RunnerView, self_check_seconds: float) -> None:
         """The one start-up line with the resolved settings (TP rank 0 only)."""
         logger.info(
             "STD on: gamma=%s%d top_k=%d (%d blocks of %d) selection=%s modalities=%s min_visual_tokens=%d "
-            "look-up drafts=%s draft_probs=%s; %d layers, %s (self-check passed in %.2f s)",
+            "look-up drafts=%s draft_probs=%s; %d layers, %s, draft steps %s (self-check passed in %.2f s)",
             "adaptive up to " if self.config.adaptive else "",
             self.config.num_speculative_tokens,
             self.config.top_k,
@@ -185,6 +186,7 @@ class STDProposer:
             self.config.draft_probs,
             len(view.layers),
             view.backend_name,
+            self.sparse.describe() if self.sparse else "off",
             self_check_seconds,
         )
 

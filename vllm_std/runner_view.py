@@ -227,24 +227,25 @@ class RunnerView:
 
     @property
     def full_draft_graphs(self) -> bool:
-        """Whether STD may capture full graphs of its draft step (`vllm_std.draft_graphs`): on CUDA, with a
-        backend whose kernels read every table and length from device memory, in an engine that captures
-        CUDA graphs at all."""
-        from vllm.config import CUDAGraphMode
+        """Whether STD may capture full graphs of its draft step (`vllm_std.draft_graphs`)."""
+        from vllm_std.draft_graphs import full_graphs_allowed
 
-        from vllm_std.draft_graphs import GRAPH_BACKENDS
-
-        return (
-            self.device.type == "cuda"
-            and self.backend_name in GRAPH_BACKENDS
-            and not self.vllm_config.model_config.enforce_eager
-            and self.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE
+        return full_graphs_allowed(
+            self.device.type,
+            self.backend_name,
+            self.vllm_config.model_config.enforce_eager,
+            self.vllm_config.compilation_config.cudagraph_mode,
         )
 
     @property
     def cudagraph_capture_sizes(self) -> list[int]:
         """The batch sizes (in tokens) vLLM captured its graphs for."""
         return list(self.vllm_config.compilation_config.cudagraph_capture_sizes or [])
+
+    @property
+    def max_cudagraph_capture_size(self) -> int | None:
+        """vLLM's largest capture size: the batches up to which its builders prepare metadata for graphs."""
+        return self.vllm_config.compilation_config.max_cudagraph_capture_size
 
     def dense_metadata(self, common: Any) -> dict[str, Any]:
         """Per-layer metadata as the target builds it: one build of `common` read by every layer."""

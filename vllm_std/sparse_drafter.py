@@ -27,12 +27,24 @@ class SparseDrafter:
     def capture_graphs(self) -> None:
         """Captures full graphs of the draft step where the engine allows them (`full_draft_graphs`); raises
         what the capture raised, and then keeps no graph."""
-        if not self.view.full_draft_graphs:
+        view = self.view
+        sizes = graph_sizes(view.cudagraph_capture_sizes, view.max_num_seqs, view.max_cudagraph_capture_size)
+        if not view.full_draft_graphs or not sizes:
             return
-        sizes = graph_sizes(self.view.cudagraph_capture_sizes, self.view.max_num_seqs)
-        graphs = DraftGraphs(self.view, self.adapter, sizes)
+        graphs = DraftGraphs(view, self.adapter, sizes)
         graphs.capture()
         self.graphs = graphs
+
+    def describe(self) -> str:
+        """How draft steps run, for the start-up line."""
+        if self.graphs is not None:
+            largest, mib = max(self.graphs.sizes), self.graphs.memory_bytes / 2**20
+            full = f"in STD's full CUDA graphs up to {largest} rows ({mib:.0f} MiB)"
+            return f"{full}, larger batches {self._pieces()}"
+        return self._pieces()
+
+    def _pieces(self) -> str:
+        return "on vLLM's piecewise CUDA graphs" if self.view.piecewise_drafts else "eager"
 
     def sampler(self, rows: list[int], num_rows: int, longest: int) -> DraftSampler | None:
         """The round's draws of sampled requests' drafts, for the requests of batch rows `rows` drafting at
@@ -55,7 +67,8 @@ class SparseDrafter:
         The drafted tokens stay on the device until the round ends: one copy to the host a round."""
         start = time.perf_counter()
         device = self.view.device
-        draft_round = DraftRound(requests, len(self.view.layer_names), self.view.block_size, device)
+        out = self.graphs.table_buffer(len(requests)) if self.graphs is not None else None
+        draft_round = DraftRound(requests, len(self.view.layer_names), self.view.block_size, device, out)
         tokens = torch.tensor([int(token_ids_cpu[r.row, r.num_tokens - 1]) for r in requests]).to(device)
         longest = max(r.num_drafts for r in requests)
         drafted = torch.zeros(len(requests), longest, dtype=torch.int64, device=device)

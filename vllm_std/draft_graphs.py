@@ -203,16 +203,26 @@ class DraftGraphs:
         self.memory_bytes = self.tables.nbytes + max(free_before - torch.cuda.mem_get_info()[0], 0)
 
     def _capture(self, size: int, pool: Any, stream: torch.cuda.Stream) -> None:
-        inputs = self.inputs[size]
-        inputs.load_step([], [], [], [], inputs.tokens[:0])
-        logits = self._forward(size)  # warm-up: lazy initialisation outside the graph
-        if self.logits is None:  # the largest size, captured first
-            self.logits = logits.new_empty(size, logits.shape[-1])
+        self.warm_up(size)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            self.logits[:size].copy_(self._forward(size))
+            self.captured_step(size)
         self.graphs[size] = graph
+
+    def warm_up(self, size: int) -> None:
+        """An empty step of `size` rows, run eagerly before its capture (lazy initialisation stays outside
+        the graph); the first, the largest size, makes the logits buffer."""
+        inputs = self.inputs[size]
+        inputs.load_step([], [], [], [], inputs.tokens[:0])
+        logits = self._forward(size)
+        if self.logits is None:
+            self.logits = logits.new_empty(size, logits.shape[-1])
+
+    def captured_step(self, size: int) -> None:
+        """What the graph of `size` rows holds: a draft step over its inputs, its logits into the buffer."""
+        assert self.logits is not None
+        self.logits[:size].copy_(self._forward(size))
 
     def _forward(self, size: int) -> torch.Tensor:
         inputs = self.inputs[size]

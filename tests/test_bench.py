@@ -4,6 +4,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -480,6 +481,25 @@ def test_draft_tokens_by_source_reach_the_record_and_the_table() -> None:
     note = "`one-pass`: each video has one marked clip of all 48 content words"
     assert report.count(note) == 1 and report.index("| adaptive |") < report.index(note)
     assert "49 tokens a request here" in report
+
+
+def test_the_run_records_the_code_it_measured() -> None:
+    """A published run names vllm-std's version and, installed from a checkout, its commit (`+` when the
+    package has uncommitted changes); `bench.md` says both above the table."""
+    env = command.environment()
+    root = Path(command.__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("vllm-std is not installed from a git checkout")
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--", "vllm_std"], capture_output=True, text=True
+    ).stdout.strip()
+    assert env["vllm_std_commit"] == head.stdout.strip() + ("+" if dirty else "")
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    assert env["vllm_std"] == version
+    result = {"model": "m", "environment": env, "command": vars(_bench_args()), "records": [], "pooled": []}
+    commit = env["vllm_std_commit"]
+    assert f"; vllm-std {version} at `{commit[:12]}{commit[40:]}`, vLLM 0.32.0, " in markdown(result)
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ import json
 import math
 import os
 import platform
+import subprocess
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +44,31 @@ _TIMING_ENV = (
 )
 
 
+def source_commit() -> str | None:
+    """The git commit vllm-std runs from when it is installed from a checkout (a `+` marks uncommitted
+    changes), so that a published run says which code it measured; None for an installed wheel."""
+    package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(package), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")) != package.parent:
+            return None
+        return git("rev-parse", "HEAD") + ("+" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment() -> dict[str, Any]:
     import torch
     import vllm
 
     return {
+        "vllm_std": metadata.version("vllm-std"),
+        "vllm_std_commit": source_commit(),
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -68,11 +68,15 @@ def sampling_note(temperature: float) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """`bench.md`: the run's settings, the methods x workloads table and the pooled one."""
     environment = result["environment"]
+    commit = environment.get("vllm_std_commit")
+    code = f"vllm-std {environment['vllm_std']}, " if "vllm_std" in environment else ""
+    if commit:  # a 40-digit hash, `+` if the package had uncommitted changes
+        code = code.replace(", ", f" at `{commit[:12]}{commit[40:]}`, ")
     header = (
-        f"# vllm-std bench\n\nModel `{result['model']}`; vLLM {environment['vllm']}, {environment['cpus']} "
-        "CPUs. Cells: acceptance / speedup in time per output token vs no speculation (cost model's "
-        "prediction in brackets; `· N % look-up`: the share of STD's draft tokens copied from the request's "
-        f"own text). {sampling_note(result['command']['temperature'])}\n\n"
+        f"# vllm-std bench\n\nModel `{result['model']}`; {code}vLLM {environment['vllm']}, "
+        f"{environment['cpus']} CPUs. Cells: acceptance / speedup in time per output token vs no speculation "
+        "(cost model's prediction in brackets; `· N % look-up`: the share of STD's draft tokens copied from "
+        f"the request's own text). {sampling_note(result['command']['temperature'])}\n\n"
     )
     records = result["records"]
     return header + markdown_table(records) + one_pass_note(records) + pooled_table(result["pooled"])

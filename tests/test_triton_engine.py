@@ -14,7 +14,8 @@ from vllm_std.fixtures.prompts import vllm_request
 from vllm_std.fixtures.video import synthetic_frames
 from vllm_std.metrics import spec_decode_counters
 
-pytestmark = pytest.mark.slow
+# Every kernel call is interpreted (about 0.5 s): the three engines take about 30 minutes together.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 TRITON = {"worker_extension_cls": "triton_attn_on.TritonAttnOn", "max_model_len": 2048}
 EAGER_GRAPHS = {**TRITON, "worker_extension_cls": "eager_graphs_on.EagerGraphsOn"}
@@ -81,7 +82,9 @@ def test_std_full_graph_path_on_triton_attn_equals_no_speculation(
         (replays,) = llm.collective_rpc(_replays)
     assert got == outputs
     assert counters["num_drafts"] > 0 and counters["num_accepted_tokens"] > 0
-    assert replays.get(4, 0) >= counters["num_draft_tokens"] // 3, replays  # every draft step of the batch
+    # Every draft step replayed a graph (at most 3 rows each); the batch of three padded to the graph of 4
+    # until requests finish, then smaller graphs.
+    assert sum(replays.values()) >= counters["num_draft_tokens"] // 3 and replays.get(4, 0) > 0, replays
     log = "".join(capfd.readouterr())
     assert (
         "TRITON_ATTN, draft steps in STD's full CUDA graphs up to 4 rows (0 MiB), larger batches eager" in log

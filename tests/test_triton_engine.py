@@ -14,7 +14,7 @@ from vllm_std.fixtures.prompts import vllm_request
 from vllm_std.fixtures.video import synthetic_frames
 from vllm_std.metrics import spec_decode_counters
 
-# Every kernel call is interpreted (about 0.5 s): the three engines take about 30 minutes together.
+# Every kernel call is interpreted (about 0.5 s): the three engines took 37 minutes together.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 TRITON = {"worker_extension_cls": "triton_attn_on.TritonAttnOn", "max_model_len": 2048}

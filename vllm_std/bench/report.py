@@ -68,10 +68,12 @@ def sampling_note(temperature: float) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """`bench.md`: the run's settings, the methods x workloads table and the pooled one."""
     environment = result["environment"]
-    commit = environment.get("vllm_std_commit")
-    code = f"vllm-std {environment['vllm_std']}, " if "vllm_std" in environment else ""
-    if commit:  # a 40-digit hash, `+` if the package had uncommitted changes
-        code = code.replace(", ", f" at `{commit[:12]}{commit[40:]}`, ")
+    code = ""  # runs recorded before vllm-std named its own version leave it out
+    if "vllm_std" in environment:
+        # 40 hex digits, `+` for uncommitted changes; None for a wheel
+        commit = environment["vllm_std_commit"]
+        at = f" at `{commit[:12]}{commit[40:]}`" if commit else ""
+        code = f"vllm-std {environment['vllm_std']}{at}, "
     header = (
         f"# vllm-std bench\n\nModel `{result['model']}`; {code}vLLM {environment['vllm']}, "
         f"{environment['cpus']} CPUs. Cells: acceptance / speedup in time per output token vs no speculation "
